@@ -1,0 +1,38 @@
+"""lightning-llm-inst: capture transformer activations to compressed HDF5 stores, fast.
+
+The public API lives here; names are imported on first use so that light tools (the CLI,
+a store reader) do not pay for importing Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from lightning_llm_inst._version import __version__
+
+_EXPORTS = {
+    "ActivationStore": "lightning_llm_inst.store",
+    "ChunkShuffleBatchSampler": "lightning_llm_inst.store",
+    "Codec": "lightning_llm_inst.store",
+    "StoreError": "lightning_llm_inst.store",
+    "StoreWriteError": "lightning_llm_inst.store",
+    "StoreWriter": "lightning_llm_inst.store",
+    "make_codec": "lightning_llm_inst.store",
+    "merge_rank_manifests": "lightning_llm_inst.store",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_llm_inst' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

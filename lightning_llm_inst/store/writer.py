@@ -1,0 +1,883 @@
+"""Store writer: rows in, compressed crash-safe HDF5 shards out.
+
+Stage: the end of the capture pipeline. The caller's thread validates each batch and copies
+its rows into per-column chunk buffers; a full chunk goes to a pool of compression threads
+(lz4 / zstd / crc32 release the GIL); one writer thread owns the open shard, writes each
+pre-compressed chunk with ``write_direct_chunk`` in order, and commits the shard (close,
+fsync, rename, manifest replaced atomically). All buffered bytes -- pending chunks, chunks
+queued or being compressed, compressed chunks waiting for the disk -- are counted against
+``max_buffer_bytes``; when that is reached the ``on_full`` policy applies.
+
+Errors from the worker or writer threads are raised in the caller's thread, as
+:class:`StoreWriteError`, at its next call or at :meth:`StoreWriter.close`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import fcntl
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+import weakref
+import zlib
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_llm_inst._version import __version__
+from lightning_llm_inst.store.codecs import Codec, make_codec
+from lightning_llm_inst.store.format import (
+    ACTIVATION_DTYPES,
+    ACTIVATIONS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LOCK_FILE,
+    MANIFEST,
+    SHARD_RE,
+    TMP_SUFFIX,
+    TOKEN_DTYPES,
+    TOKENS,
+    StoreError,
+    StoreWriteError,
+    checksum_path,
+    dataset_path,
+    fsync_dir,
+    fsync_file,
+    parse_bytes,
+    read_manifest,
+    shard_name,
+    write_json_atomic,
+)
+
+__all__ = ["StoreWriter"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("create", "append", "overwrite")
+ON_FULL = ("block", "drop")
+_DROP_LOG_INTERVAL_S = 10.0
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------- inputs
+def _as_numpy(value: Any, what: str, allowed: Mapping[str, str]) -> tuple[np.ndarray, str]:
+    """Return ``(array in storage dtype, logical dtype name)`` for a tensor or array.
+
+    The array may be a view of the caller's memory: it is copied into chunk buffers before
+    :meth:`StoreWriter.append` returns.
+    """
+    torch = _torch_if_loaded()
+    if torch is not None and isinstance(value, torch.Tensor):
+        t = value.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        name = str(t.dtype).removeprefix("torch.")
+        if name not in allowed:
+            raise TypeError(f"{what} has dtype {t.dtype}; allowed: {', '.join('torch.' + k for k in allowed)}")
+        if name == "bfloat16":
+            arr = t.view(torch.int16).numpy().view(np.uint16)
+        else:
+            arr = t.numpy()
+        return arr, name
+    if isinstance(value, np.ndarray):
+        name = value.dtype.name
+        if name == "bfloat16":  # ml_dtypes' bfloat16
+            return value.view(np.uint16), name
+        if name not in allowed or value.dtype.byteorder == ">":
+            raise TypeError(f"{what} has dtype {value.dtype}; allowed: {', '.join(allowed)}")
+        return value, name
+    raise TypeError(f"{what} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+
+
+def _torch_if_loaded() -> Any:
+    import sys
+
+    return sys.modules.get("torch")
+
+
+def _check_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"{what} name {name!r} is not valid: use a non-empty string without '/'")
+    return name
+
+
+# ---------------------------------------------------------------------------- accounting
+class _ByteBudget:
+    """Bytes held by the writer, with waiting for room (``block``) and a peak."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.peak = 0
+        self.blocked_s = 0.0
+        self._cond = threading.Condition()
+        self._failed = False
+
+    def acquire(self, n: int, ceiling: int) -> None:
+        """Take ``n`` bytes, waiting while that would pass ``ceiling`` (some must be held)."""
+        with self._cond:
+            if self.held + n > ceiling and self.held > 0 and not self._failed:
+                t0 = time.perf_counter()
+                while self.held + n > ceiling and self.held > 0 and not self._failed:
+                    self._cond.wait()
+                self.blocked_s += time.perf_counter() - t0
+            self._take(n)
+
+    def fits(self, n: int, ceiling: int) -> bool:
+        with self._cond:
+            return self.held + n <= ceiling
+
+    def force(self, n: int) -> None:
+        with self._cond:
+            self._take(n)
+
+    def _take(self, n: int) -> None:
+        self.held += n
+        if self.held > self.peak:
+            self.peak = self.held
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.held -= n
+            self._cond.notify_all()
+
+    def fail(self) -> None:
+        with self._cond:
+            self._failed = True
+            self._cond.notify_all()
+
+
+# ---------------------------------------------------------------------------- schema
+@dataclass
+class _Column:
+    """One dataset of the store, and the caller thread's partly filled chunk for it."""
+
+    kind: str  # ACTIVATIONS or TOKENS
+    name: str
+    dtype: str  # logical dtype name
+    feature_shape: tuple[int, ...]
+    chunk_rows: int = 0
+    buf: np.ndarray | None = None
+    filled: int = 0
+    chunk_index: int = 0
+    raw_bytes: int = 0
+    stored_bytes: int = 0
+    rows: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+    @property
+    def storage(self) -> np.dtype:
+        return np.dtype(ACTIVATION_DTYPES[self.dtype])
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.feature_shape, dtype=np.int64)) * self.storage.itemsize
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_rows * self.row_bytes
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"dtype": self.dtype, "storage_dtype": self.storage.str, "chunk_rows": self.chunk_rows}
+        if self.kind == ACTIVATIONS:
+            d["shape"] = list(self.feature_shape)
+        d.update(rows=self.rows, raw_bytes=self.raw_bytes, stored_bytes=self.stored_bytes)
+        return d
+
+
+# ---------------------------------------------------------------------------- shards
+class _OpenShard:
+    """The shard the writer thread is filling: ``shard-NNNNNN.h5.tmp`` until committed."""
+
+    def __init__(self, directory: Path, index: int, columns: list[_Column], codec: Codec,
+                 attrs: dict[str, Any]) -> None:
+        import h5py
+
+        self.index = index
+        self.final = directory / shard_name(index)
+        self.tmp = directory / (shard_name(index) + TMP_SUFFIX)
+        self.columns = columns
+        self.crcs: dict[str, list[int]] = {c.key: [] for c in columns}
+        self.raw: dict[str, int] = {c.key: 0 for c in columns}
+        self.stored: dict[str, int] = {c.key: 0 for c in columns}
+        self.file = h5py.File(self.tmp, "w")
+        try:
+            for k, v in attrs.items():
+                self.file.attrs[k] = v
+            self.datasets = {}
+            for c in columns:
+                ds = self.file.create_dataset(
+                    dataset_path(c.kind, c.name), shape=(0, *c.feature_shape), maxshape=(None, *c.feature_shape),
+                    chunks=(c.chunk_rows, *c.feature_shape), dtype=c.storage, **codec.h5py_kwargs(),
+                )
+                ds.attrs["dtype"] = c.dtype
+                self.datasets[c.key] = ds
+        except BaseException:
+            self.abort()
+            raise
+
+    def write_chunk(self, col: _Column, chunk_index: int, valid_rows: int, data: bytes, crc: int) -> None:
+        ds = self.datasets[col.key]
+        start = chunk_index * col.chunk_rows
+        end = start + valid_rows
+        if ds.shape[0] < end:
+            ds.resize(end, axis=0)
+        ds.id.write_direct_chunk((start,) + (0,) * len(col.feature_shape), data)
+        self.crcs[col.key].append(crc)
+        self.raw[col.key] += valid_rows * col.row_bytes
+        self.stored[col.key] += len(data)
+
+    def finish(self, rows: int) -> None:
+        """Write checksums and the row count, close the file, make it durable."""
+        for c in self.columns:
+            got = self.datasets[c.key].shape[0]
+            if got != rows:
+                raise RuntimeError(f"shard {self.tmp} dataset {c.key} has {got} rows, expected {rows}")
+            self.file.create_dataset(checksum_path(c.kind, c.name), data=np.asarray(self.crcs[c.key], dtype="<u4"))
+        self.file.attrs["rows"] = rows
+        self.file.close()
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        except Exception:  # noqa: BLE001 - closing a broken file must not hide the first error
+            pass
+        try:
+            self.tmp.unlink()
+        except OSError:
+            pass
+
+
+@dataclass
+class _Stats:
+    batches: int = 0
+    rows_appended: int = 0
+    rows_committed: int = 0
+    shards_committed: int = 0
+    dropped_batches: int = 0
+    dropped_rows: int = 0
+    raw_bytes_committed: int = 0
+    stored_bytes_committed: int = 0
+    compress_s: float = 0.0
+    write_s: float = 0.0
+    commit_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+
+# ---------------------------------------------------------------------------- writer
+class StoreWriter:
+    """Append rows of activations and token metadata to an activation store.
+
+    Example::
+
+        with StoreWriter("run/acts", codec="zstd") as w:
+            w.append({"blocks.3.hook_resid_post": x}, tokens={"input_ids": ids, "sequence_id": seq,
+                                                             "position": pos})
+
+    Args:
+        path: store directory; created if missing.
+        codec: ``"zstd"`` (default, level 3), ``"zstd:N"``, ``"lz4"``, ``"none"``/``None``, or a
+            :class:`~lightning_llm_inst.store.codecs.Codec`.
+        mode: ``"create"`` (fail if a store is there), ``"append"`` (resume an existing store,
+            cleaning up what a killed writer left; create one if missing) or ``"overwrite"``.
+        shard_size: raw (uncompressed) bytes per shard before it is committed and the next
+            one opened; bounds what a crash can lose. Number or text such as ``"256MiB"``.
+        chunk_size: target raw bytes of one HDF5 chunk (the unit of compression).
+        max_buffer_bytes: bound on all bytes the writer holds (pending, queued, compressed).
+        num_workers: compression threads; default: the number of CPUs, at most 16.
+        on_full: ``"block"`` (wait for room, nothing lost) or ``"drop"`` (skip the whole batch,
+            counted, logged and recorded in the manifest).
+        rank: under DDP, the rank: shards go to ``path/rank<N>/``; ``None`` writes in ``path``.
+        metadata: JSON-serialisable provenance (model, hook spec, capture config) stored in
+            the manifest and in every shard.
+        fsync: make each shard and manifest durable before it is listed (default True).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        codec: str | Codec | None = "zstd",
+        mode: str = "create",
+        shard_size: int | str = "256MiB",
+        chunk_size: int | str = "1MiB",
+        max_buffer_bytes: int | str = "512MiB",
+        num_workers: int | None = None,
+        on_full: str = "block",
+        rank: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        fsync: bool = True,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not valid; choose one of: {', '.join(MODES)}")
+        if on_full not in ON_FULL:
+            raise ValueError(f"on_full={on_full!r} is not valid; choose one of: {', '.join(ON_FULL)}")
+        if num_workers is None:
+            num_workers = max(1, min(16, os.cpu_count() or 1))
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+            raise ValueError(f"rank must be None or a non-negative integer, got {rank!r}")
+        self.codec = make_codec(codec)
+        self.shard_size = parse_bytes(shard_size, "shard_size")
+        self.chunk_size = parse_bytes(chunk_size, "chunk_size")
+        self.max_buffer_bytes = parse_bytes(max_buffer_bytes, "max_buffer_bytes")
+        self.num_workers = num_workers
+        self.on_full = on_full
+        self.fsync = bool(fsync)
+        try:
+            self.metadata = json.loads(json.dumps(dict(metadata or {})))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metadata must be JSON-serialisable: {exc}") from None
+
+        self.root = Path(path)
+        self.directory = self.root if rank is None else self.root / f"rank{rank}"
+        self.rank = rank
+        self.recovered: list[dict[str, Any]] = []
+        self._lock_fd: int | None = None
+        self._open_directory(mode)
+
+        self._columns: list[_Column] | None = None
+        self._hooks: dict[str, _Column] = {}
+        self._tokens: dict[str, _Column] = {}
+        self._rows_per_shard = 0
+        self._shard_rows = 0
+        self._ceiling = 0
+        self._budget = _ByteBudget(self.max_buffer_bytes)
+        self._stats = _Stats()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._last_drop_log = 0.0
+        self._manifest_lock = threading.Lock()
+        if self._manifest.get("hooks") is not None:
+            try:
+                self._restore_schema()
+            except BaseException:
+                self._release_lock()
+                raise
+
+        self._pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="llm-inst-compress")
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._writer_loop, name="llm-inst-writer", daemon=True)
+        self._thread.start()
+        ref = weakref.ref(self)
+        self._atexit = lambda: (w := ref()) is not None and w._close_at_exit()
+        atexit.register(self._atexit)
+
+    # ------------------------------------------------------------------ opening
+    def _open_directory(self, mode: str) -> None:
+        d = self.directory
+        try:
+            if d.exists() and not d.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory")
+            d.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(d / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreWriteError(
+                f"cannot create activation store at {os.fspath(d)!r}: {exc.strerror or exc}", d, exc.errno
+            ) from exc
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise StoreWriteError(f"another writer has the activation store at {os.fspath(d)!r} open", d,
+                                  exc.errno) from exc
+        try:
+            exists = (d / MANIFEST).exists()
+            if exists and mode == "create":
+                raise StoreWriteError(
+                    f"an activation store already exists at {os.fspath(d)!r}; pass mode='append' to add to it "
+                    f"or mode='overwrite' to replace it", d, errno.EEXIST)
+            if exists and mode == "append":
+                try:
+                    self._manifest = read_manifest(d)
+                except StoreError as exc:
+                    raise StoreWriteError(str(exc), d / MANIFEST) from exc
+                self._clean_leftovers()
+                return
+            if mode == "overwrite":
+                self._remove_store_files()
+            else:
+                self._clean_leftovers(record=False)
+            self._manifest = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "library_version": __version__,
+                "created": _now(),
+                "updated": _now(),
+                "codec": self.codec.to_dict(),
+                "hooks": None,
+                "tokens": None,
+                "rows": 0,
+                "shards": [],
+                "dropped": {"batches": 0, "rows": 0},
+                "recovered": [],
+                "metadata": self.metadata,
+            }
+            write_json_atomic(d / MANIFEST, self._manifest)
+        except StoreWriteError:
+            self._release_lock()
+            raise
+        except OSError as exc:
+            self._release_lock()
+            raise StoreWriteError(
+                f"cannot write activation store at {os.fspath(d)!r}: {exc.strerror or exc}", exc.filename or d,
+                exc.errno) from exc
+
+    def _clean_leftovers(self, record: bool = True) -> None:
+        """Remove what a killed writer left: open shards, temp manifests, unlisted shards."""
+        listed = {s["file"] for s in self._manifest.get("shards", [])} if record else set()
+        for p in sorted(self.directory.iterdir()):
+            name = p.name
+            stray = name.endswith(TMP_SUFFIX) or (SHARD_RE.match(name) is not None and name not in listed)
+            if not stray or not p.is_file():
+                continue
+            size = p.stat().st_size
+            p.unlink()
+            entry = {"file": name, "bytes": size, "removed": _now()}
+            self.recovered.append(entry)
+            log.warning("activation store %s: removed %s (%d bytes) left by an interrupted writer; its rows "
+                        "were never committed", self.directory, name, size)
+        if self.recovered and record:
+            self._manifest.setdefault("recovered", []).extend(self.recovered)
+            write_json_atomic(self.directory / MANIFEST, self._manifest)
+
+    def _remove_store_files(self) -> None:
+        d = self.directory
+        for p in d.iterdir():
+            if p.name == MANIFEST or p.name.endswith(TMP_SUFFIX) or SHARD_RE.match(p.name):
+                p.unlink()
+            elif p.is_dir() and p.name.startswith("rank") and (p / MANIFEST).exists():
+                shutil.rmtree(p)
+
+    def _restore_schema(self) -> None:
+        m = self._manifest
+        stored = Codec.from_dict(m["codec"])
+        if stored != self.codec:
+            raise StoreWriteError(
+                f"the activation store at {os.fspath(self.directory)!r} uses codec {stored.spec!r}; "
+                f"resume it with codec={stored.spec!r} (got {self.codec.spec!r})", self.directory)
+        cols = []
+        for name, h in m["hooks"].items():
+            cols.append(_Column(ACTIVATIONS, name, h["dtype"], tuple(h["shape"]), h["chunk_rows"],
+                                raw_bytes=h.get("raw_bytes", 0), stored_bytes=h.get("stored_bytes", 0),
+                                rows=h.get("rows", 0)))
+        for name, t in (m.get("tokens") or {}).items():
+            cols.append(_Column(TOKENS, name, t["dtype"], (), t["chunk_rows"], raw_bytes=t.get("raw_bytes", 0),
+                                stored_bytes=t.get("stored_bytes", 0), rows=t.get("rows", 0)))
+        self._set_columns(cols, m.get("rows_per_shard"))
+
+    # ------------------------------------------------------------------ schema
+    def _set_columns(self, cols: list[_Column], rows_per_shard: int | None = None) -> None:
+        for c in cols:
+            if not c.chunk_rows:
+                c.chunk_rows = max(1, self.chunk_size // max(1, c.row_bytes))
+        total_row = sum(c.row_bytes for c in cols) or 1
+        self._rows_per_shard = rows_per_shard or max(1, self.shard_size // total_row)
+        for c in cols:
+            c.chunk_rows = min(c.chunk_rows, self._rows_per_shard)
+        biggest = max(c.chunk_bytes for c in cols)
+        reserve = self.num_workers * (biggest + biggest // 128 + 1024)
+        need = (len(cols) + 1) * biggest + reserve
+        if need > self.max_buffer_bytes:
+            raise ValueError(
+                f"max_buffer_bytes={self.max_buffer_bytes} is too small for {len(cols)} columns with chunks of up to "
+                f"{biggest} bytes and {self.num_workers} workers; it needs at least {need} bytes "
+                f"(or lower chunk_size / num_workers)")
+        self._ceiling = self.max_buffer_bytes - reserve
+        self._columns = cols
+        self._hooks = {c.name: c for c in cols if c.kind == ACTIVATIONS}
+        self._tokens = {c.name: c for c in cols if c.kind == TOKENS}
+
+    def _schema_from_batch(self, acts: dict[str, tuple[np.ndarray, str]],
+                           toks: dict[str, tuple[np.ndarray, str]]) -> None:
+        cols = [_Column(ACTIVATIONS, n, dt, tuple(int(s) for s in a.shape[1:])) for n, (a, dt) in acts.items()]
+        cols += [_Column(TOKENS, n, dt, ()) for n, (a, dt) in toks.items()]
+        self._set_columns(cols)
+        with self._manifest_lock:
+            self._manifest["rows_per_shard"] = self._rows_per_shard
+            self._describe_schema()
+
+    def _describe_schema(self) -> None:
+        self._manifest["hooks"] = {c.name: c.describe() for c in self._hooks.values()}
+        self._manifest["tokens"] = {c.name: c.describe() for c in self._tokens.values()}
+
+    def _check_batch(self, acts: dict[str, tuple[np.ndarray, str]], toks: dict[str, tuple[np.ndarray, str]]) -> None:
+        for kind, given, known in (("hook point", acts, self._hooks), ("token field", toks, self._tokens)):
+            if set(given) != set(known):
+                missing = sorted(set(known) - set(given))
+                extra = sorted(set(given) - set(known))
+                raise ValueError(
+                    f"every append must give the same {kind}s as the first; missing: {missing or 'none'}, "
+                    f"unexpected: {extra or 'none'} (expected: {sorted(known)})")
+        for name, (a, dt) in acts.items():
+            c = self._hooks[name]
+            if tuple(a.shape[1:]) != c.feature_shape:
+                raise ValueError(f"hook point {name!r}: feature shape {tuple(a.shape[1:])} differs from earlier "
+                                 f"batches' {c.feature_shape} (batch shape {tuple(a.shape)})")
+            if dt != c.dtype:
+                raise TypeError(f"hook point {name!r}: dtype {dt} differs from earlier batches' {c.dtype}")
+        for name, (a, dt) in toks.items():
+            if dt != self._tokens[name].dtype:
+                raise TypeError(f"token field {name!r}: dtype {dt} differs from earlier batches' "
+                                f"{self._tokens[name].dtype}")
+
+    # ------------------------------------------------------------------ appending
+    def append(self, activations: Mapping[str, Any], tokens: Mapping[str, Any] | None = None) -> bool:
+        """Add one batch: ``activations[hook]`` of shape ``[rows, *feature_shape]`` and
+        ``tokens[name]`` of shape ``[rows]``, the same ``rows`` everywhere.
+
+        The rows are copied before this returns, so the caller may reuse its tensors. Returns
+        True if the batch was taken, False if it was dropped (``on_full="drop"``).
+        """
+        self._raise_if_unusable()
+        if not isinstance(activations, Mapping) or not activations:
+            raise TypeError(f"activations must be a non-empty mapping of hook name to tensor, "
+                            f"got {type(activations).__name__}")
+        if tokens is not None and not isinstance(tokens, Mapping):
+            raise TypeError(f"tokens must be a mapping of field name to tensor, got {type(tokens).__name__}")
+        acts = {}
+        for name, value in activations.items():
+            _check_name(name, "hook point")
+            arr, dt = _as_numpy(value, f"activations[{name!r}]", ACTIVATION_DTYPES)
+            if arr.ndim < 1:
+                raise ValueError(f"hook point {name!r}: expected shape [rows, ...], got a 0-d tensor")
+            acts[name] = (arr, dt)
+        toks = {}
+        for name, value in (tokens or {}).items():
+            _check_name(name, "token field")
+            arr, dt = _as_numpy(value, f"tokens[{name!r}]", TOKEN_DTYPES)
+            if arr.ndim != 1:
+                raise ValueError(f"token field {name!r}: expected shape [rows], got {tuple(arr.shape)}")
+            toks[name] = (arr, dt)
+        counts = {f"activations[{n!r}]": a.shape[0] for n, (a, _) in acts.items()}
+        counts.update({f"tokens[{n!r}]": a.shape[0] for n, (a, _) in toks.items()})
+        if len(set(counts.values())) > 1:
+            raise ValueError("all hook points and token fields of one append must have the same number of rows; got "
+                             + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        rows = next(iter(counts.values()))
+        if self._columns is None:
+            self._schema_from_batch(acts, toks)
+        else:
+            self._check_batch(acts, toks)
+        if rows == 0:
+            return True
+        if self.on_full == "drop" and not self._budget.fits(self._bytes_needed(rows), self._ceiling):
+            self._drop(rows)
+            return False
+        arrays = {self._hooks[n].key: a for n, (a, _) in acts.items()}
+        arrays.update({self._tokens[n].key: a for n, (a, _) in toks.items()})
+        offset = 0
+        while offset < rows:
+            take = min(rows - offset, self._rows_per_shard - self._shard_rows)
+            for c in self._columns:  # type: ignore[union-attr]
+                self._feed(c, arrays[c.key][offset : offset + take])
+            offset += take
+            self._shard_rows += take
+            if self._shard_rows == self._rows_per_shard:
+                self._end_shard()
+        self._stats.batches += 1
+        self._stats.rows_appended += rows
+        return True
+
+    def _bytes_needed(self, rows: int) -> int:
+        """Upper bound on the chunk buffers a batch of ``rows`` may allocate."""
+        crossings = (self._shard_rows + rows) // self._rows_per_shard + 1
+        return sum((-(-rows // c.chunk_rows) + crossings) * c.chunk_bytes for c in self._columns)  # type: ignore[union-attr]
+
+    def _drop(self, rows: int) -> None:
+        self._stats.dropped_batches += 1
+        self._stats.dropped_rows += rows
+        with self._manifest_lock:
+            self._manifest["dropped"]["batches"] += 1
+            self._manifest["dropped"]["rows"] += rows
+        now = time.monotonic()
+        if now - self._last_drop_log >= _DROP_LOG_INTERVAL_S:
+            self._last_drop_log = now
+            log.warning("activation store %s: writer is full (%d bytes buffered), dropped a batch of %d rows; "
+                        "%d batches / %d rows dropped so far (on_full='drop')", self.directory, self._budget.held,
+                        rows, self._stats.dropped_batches, self._stats.dropped_rows)
+
+    def _feed(self, c: _Column, arr: np.ndarray) -> None:
+        pos = 0
+        n_rows = arr.shape[0]
+        while pos < n_rows:
+            if c.buf is None:
+                if self.on_full == "block":
+                    self._budget.acquire(c.chunk_bytes, self._ceiling)
+                    self._raise_if_unusable()
+                else:
+                    self._budget.force(c.chunk_bytes)
+                c.buf = np.empty((c.chunk_rows, *c.feature_shape), dtype=c.storage)
+                c.filled = 0
+            n = min(c.chunk_rows - c.filled, n_rows - pos)
+            c.buf[c.filled : c.filled + n] = arr[pos : pos + n]
+            c.filled += n
+            pos += n
+            if c.filled == c.chunk_rows:
+                self._submit(c)
+
+    def _submit(self, c: _Column) -> None:
+        buf, valid = c.buf, c.filled
+        assert buf is not None
+        if valid < c.chunk_rows:
+            buf[valid:] = 0  # HDF5 stores edge chunks whole
+        try:
+            fut = self._pool.submit(self._compress, buf, c.storage.itemsize)
+        except RuntimeError:  # the pool is shut at interpreter exit: compress here
+            fut = Future()
+            fut.set_result(self._compress(buf, c.storage.itemsize))
+        self._queue.put(("chunk", c, c.chunk_index, valid, fut))
+        c.buf, c.filled = None, 0
+        c.chunk_index += 1
+
+    def _end_shard(self) -> None:
+        for c in self._columns:  # type: ignore[union-attr]
+            if c.buf is not None and c.filled:
+                self._submit(c)
+            c.chunk_index = 0
+        self._queue.put(("end", self._shard_rows))
+        self._shard_rows = 0
+
+    def _compress(self, buf: np.ndarray, itemsize: int) -> tuple[bytes, int, float]:
+        t0 = time.perf_counter()
+        data = self.codec.encode(buf, itemsize)
+        crc = zlib.crc32(data)
+        self._budget.force(len(data))
+        self._budget.release(buf.nbytes)
+        return data, crc, time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ writer thread
+    def _writer_loop(self) -> None:
+        shard: _OpenShard | None = None
+        index = self._next_shard_index()
+        while True:
+            item = self._queue.get()
+            kind = item[0]
+            if kind == "stop":
+                if shard is not None:
+                    shard.abort()
+                return
+            if kind == "sync":
+                item[1].set()
+                continue
+            try:
+                if self._error is not None:  # failed: drain, freeing what was held
+                    if kind == "chunk":
+                        self._discard(item[4])
+                    continue
+                if kind == "chunk":
+                    _, col, chunk_index, valid, fut = item
+                    data, crc, dt = fut.result()
+                    self._stats.compress_s += dt
+                    if shard is None:
+                        shard = _OpenShard(self.directory, index, self._columns, self.codec, self._shard_attrs(index))
+                    t0 = time.perf_counter()
+                    shard.write_chunk(col, chunk_index, valid, data, crc)
+                    self._stats.write_s += time.perf_counter() - t0
+                    self._budget.release(len(data))
+                else:  # "end"
+                    assert shard is not None
+                    self._commit(shard, item[1])
+                    shard = None
+                    index += 1
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                where = shard.tmp if shard is not None else self.directory / (shard_name(index) + TMP_SUFFIX)
+                if shard is not None:
+                    shard.abort()
+                    shard = None
+                if kind == "chunk":
+                    self._discard(item[4])
+                self._set_error(exc, where)
+
+    def _discard(self, fut: Future) -> None:
+        try:
+            data, _, _ = fut.result()
+        except BaseException:  # noqa: BLE001 - the first error is the one reported
+            return
+        self._budget.release(len(data))
+
+    def _set_error(self, exc: BaseException, where: Path) -> None:
+        if self._error is None:
+            cause = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            err = StoreWriteError(f"writing activation shard {os.fspath(where)!r} failed: {cause}", where,
+                                  getattr(exc, "errno", None))
+            err.__cause__ = exc
+            self._error = err
+            log.error("%s", err)
+        self._budget.fail()
+
+    def _next_shard_index(self) -> int:
+        shards = self._manifest.get("shards", [])
+        return 1 + max((s["index"] for s in shards), default=-1)
+
+    def _shard_attrs(self, index: int) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "created": _now(),
+            "shard_index": index,
+            "codec": json.dumps(self.codec.to_dict()),
+            "metadata": json.dumps(self.metadata),
+        }
+
+    def _commit(self, shard: _OpenShard, rows: int) -> None:
+        t0 = time.perf_counter()
+        shard.finish(rows)
+        if self.fsync:
+            fsync_file(shard.tmp)
+        os.replace(shard.tmp, shard.final)
+        if self.fsync:
+            fsync_dir(self.directory)
+        raw = sum(shard.raw.values())
+        stored = sum(shard.stored.values())
+        with self._manifest_lock:
+            for c in self._columns:  # type: ignore[union-attr]
+                c.rows += rows
+                c.raw_bytes += shard.raw[c.key]
+                c.stored_bytes += shard.stored[c.key]
+            self._manifest["shards"].append({
+                "file": shard.final.name,
+                "index": shard.index,
+                "rows": rows,
+                "bytes": shard.final.stat().st_size,
+                "raw_bytes": raw,
+                "stored_bytes": stored,
+                "created": _now(),
+            })
+            self._manifest["rows"] += rows
+            self._manifest["updated"] = _now()
+            self._describe_schema()
+            write_json_atomic(self.directory / MANIFEST, self._manifest)
+        s = self._stats
+        s.rows_committed += rows
+        s.shards_committed += 1
+        s.raw_bytes_committed += raw
+        s.stored_bytes_committed += stored
+        s.commit_s += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ control
+    def _raise_if_unusable(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise StoreWriteError(f"the writer of {os.fspath(self.directory)!r} is closed", self.directory)
+
+    def _sync(self) -> None:
+        ev = threading.Event()
+        self._queue.put(("sync", ev))
+        ev.wait()
+
+    def flush(self) -> None:
+        """Commit every row appended so far (the open shard ends early) and wait for it."""
+        self._raise_if_unusable()
+        if self._shard_rows:
+            self._end_shard()
+        self._sync()
+        self._raise_if_unusable()
+
+    def close(self) -> None:
+        """Commit what was appended, stop the threads, release the store. Raises the first
+        error of the worker or writer threads, if any."""
+        if self._closed:
+            return
+        try:
+            if self._error is None and self._shard_rows:
+                self._end_shard()
+            self._sync()
+            if self._error is None:
+                with self._manifest_lock:
+                    self._manifest["updated"] = _now()
+                    write_json_atomic(self.directory / MANIFEST, self._manifest)
+        except OSError as exc:
+            if self._error is None:
+                self._set_error(exc, self.directory / MANIFEST)
+        finally:
+            self._closed = True
+            self._queue.put(("stop",))
+            self._thread.join()
+            self._pool.shutdown(wait=True)
+            self._release_lock()
+            atexit.unregister(self._atexit)
+        if self._error is not None:
+            raise self._error
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except Exception as exc:  # noqa: BLE001 - nothing to raise to at interpreter exit
+            log.error("closing activation store %s at exit failed: %s", self.directory, exc)
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.close()  # commit the complete batches appended before the error
+            except Exception as close_exc:  # noqa: BLE001 - the body's exception wins
+                log.error("closing activation store %s after an error failed: %s", self.directory, close_exc)
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def rows_committed(self) -> int:
+        """Rows in committed shards (what a reader sees), including earlier sessions."""
+        return int(self._manifest["rows"])
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this writer session: rows, bytes, ratio, time blocked, dropped, rates."""
+        s = self._stats
+        elapsed = time.perf_counter() - s.started
+        return {
+            "batches": s.batches,
+            "rows_appended": s.rows_appended,
+            "rows_committed": s.rows_committed,
+            "shards_committed": s.shards_committed,
+            "dropped_batches": s.dropped_batches,
+            "dropped_rows": s.dropped_rows,
+            "raw_bytes": s.raw_bytes_committed,
+            "stored_bytes": s.stored_bytes_committed,
+            "compression_ratio": (s.raw_bytes_committed / s.stored_bytes_committed) if s.stored_bytes_committed else None,
+            "buffered_bytes": self._budget.held,
+            "peak_buffered_bytes": self._budget.peak,
+            "max_buffer_bytes": self.max_buffer_bytes,
+            "time_blocked_s": self._budget.blocked_s,
+            "compress_s": s.compress_s,
+            "write_s": s.write_s,
+            "commit_s": s.commit_s,
+            "elapsed_s": elapsed,
+            "write_rate_bytes_per_s": s.raw_bytes_committed / elapsed if elapsed > 0 else 0.0,
+        }
