@@ -471,6 +471,12 @@ class ColumnView:
         return self._store._gather(self._col, index)
 
     def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, tuple):  # rows first, then feature indices: view[a:b, 0]
+            if not key:
+                return self[:]
+            rows = self.numpy(key[0])
+            rest = (slice(None),) * (not isinstance(key[0], (int, np.integer))) + key[1:]
+            return _to_torch(rows, self._col.dtype)[rest]
         return _to_torch(self.numpy(key), self._col.dtype)
 
     def iter_chunks(self, rows: int | None = None) -> Iterator[Any]:
