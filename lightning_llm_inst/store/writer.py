@@ -1,15 +1,16 @@
 """Store writer: rows in, compressed crash-safe HDF5 shards out.
 
 Stage: the end of the capture pipeline. The caller's thread validates each batch and copies
-its rows into per-column chunk buffers; a full chunk goes to a pool of compression threads
-(lz4 / zstd / crc32 release the GIL); one writer thread owns the open shard, writes each
-pre-compressed chunk with ``write_direct_chunk`` in order, and commits the shard (close,
-fsync, rename, manifest replaced atomically). All buffered bytes -- pending chunks, chunks
-queued or being compressed, compressed chunks waiting for the disk -- are counted against
-``max_buffer_bytes``; when that is reached the ``on_full`` policy applies.
+its rows into per-column chunk buffers (:mod:`.chunking`); a full chunk goes to a pool of
+compression threads (lz4 / zstd / crc32 release the GIL); one writer thread owns the open
+shard (:mod:`.shard`), writes each pre-compressed chunk with ``write_direct_chunk`` in
+order, and commits the shard (close, fsync, rename, then the manifest replaced atomically).
 
-Errors from the worker or writer threads are raised in the caller's thread, as
-:class:`StoreWriteError`, at its next call or at :meth:`StoreWriter.close`.
+A batch is given whole (:meth:`StoreWriter.append`) or hook by hook as a model runs
+(:meth:`~StoreWriter.begin_batch`, :meth:`~StoreWriter.add`, :meth:`~StoreWriter.end_batch`,
+:meth:`~StoreWriter.abort_batch`), so no batch needs to be staged in full. A shard holds whole
+batches and is committed once it reaches ``shard_size``. Errors from the worker or writer
+threads are raised in the caller's thread, as :class:`StoreWriteError`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from lightning_llm_inst._version import __version__
+from lightning_llm_inst.store.chunking import ByteBudget, Column, as_numpy, check_name
 from lightning_llm_inst.store.codecs import Codec, make_codec
 from lightning_llm_inst.store.format import (
     ACTIVATION_DTYPES,
@@ -50,15 +52,12 @@ from lightning_llm_inst.store.format import (
     TOKENS,
     StoreError,
     StoreWriteError,
-    checksum_path,
-    dataset_path,
-    fsync_dir,
-    fsync_file,
     parse_bytes,
     read_manifest,
     shard_name,
     write_json_atomic,
 )
+from lightning_llm_inst.store.shard import OpenShard
 
 __all__ = ["StoreWriter"]
 
@@ -71,198 +70,6 @@ _DROP_LOG_INTERVAL_S = 10.0
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# ---------------------------------------------------------------------------- inputs
-def _as_numpy(value: Any, what: str, allowed: Mapping[str, str]) -> tuple[np.ndarray, str]:
-    """Return ``(array in storage dtype, logical dtype name)`` for a tensor or array.
-
-    The array may be a view of the caller's memory: it is copied into chunk buffers before
-    :meth:`StoreWriter.append` returns.
-    """
-    torch = _torch_if_loaded()
-    if torch is not None and isinstance(value, torch.Tensor):
-        t = value.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        name = str(t.dtype).removeprefix("torch.")
-        if name not in allowed:
-            raise TypeError(f"{what} has dtype {t.dtype}; allowed: {', '.join('torch.' + k for k in allowed)}")
-        if name == "bfloat16":
-            arr = t.view(torch.int16).numpy().view(np.uint16)
-        else:
-            arr = t.numpy()
-        return arr, name
-    if isinstance(value, np.ndarray):
-        name = value.dtype.name
-        if name == "bfloat16":  # ml_dtypes' bfloat16
-            return value.view(np.uint16), name
-        if name not in allowed or value.dtype.byteorder == ">":
-            raise TypeError(f"{what} has dtype {value.dtype}; allowed: {', '.join(allowed)}")
-        return value, name
-    raise TypeError(f"{what} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
-
-
-def _torch_if_loaded() -> Any:
-    import sys
-
-    return sys.modules.get("torch")
-
-
-def _check_name(name: Any, what: str) -> str:
-    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
-        raise ValueError(f"{what} name {name!r} is not valid: use a non-empty string without '/'")
-    return name
-
-
-# ---------------------------------------------------------------------------- accounting
-class _ByteBudget:
-    """Bytes held by the writer, with waiting for room (``block``) and a peak."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-        self.peak = 0
-        self.blocked_s = 0.0
-        self._cond = threading.Condition()
-        self._failed = False
-
-    def acquire(self, n: int, ceiling: int) -> None:
-        """Take ``n`` bytes, waiting while that would pass ``ceiling`` (some must be held)."""
-        with self._cond:
-            if self.held + n > ceiling and self.held > 0 and not self._failed:
-                t0 = time.perf_counter()
-                while self.held + n > ceiling and self.held > 0 and not self._failed:
-                    self._cond.wait()
-                self.blocked_s += time.perf_counter() - t0
-            self._take(n)
-
-    def fits(self, n: int, ceiling: int) -> bool:
-        with self._cond:
-            return self.held + n <= ceiling
-
-    def force(self, n: int) -> None:
-        with self._cond:
-            self._take(n)
-
-    def _take(self, n: int) -> None:
-        self.held += n
-        if self.held > self.peak:
-            self.peak = self.held
-
-    def release(self, n: int) -> None:
-        with self._cond:
-            self.held -= n
-            self._cond.notify_all()
-
-    def fail(self) -> None:
-        with self._cond:
-            self._failed = True
-            self._cond.notify_all()
-
-
-# ---------------------------------------------------------------------------- schema
-@dataclass
-class _Column:
-    """One dataset of the store, and the caller thread's partly filled chunk for it."""
-
-    kind: str  # ACTIVATIONS or TOKENS
-    name: str
-    dtype: str  # logical dtype name
-    feature_shape: tuple[int, ...]
-    chunk_rows: int = 0
-    buf: np.ndarray | None = None
-    filled: int = 0
-    chunk_index: int = 0
-    raw_bytes: int = 0
-    stored_bytes: int = 0
-    rows: int = 0
-
-    @property
-    def key(self) -> str:
-        return f"{self.kind}/{self.name}"
-
-    @property
-    def storage(self) -> np.dtype:
-        return np.dtype(ACTIVATION_DTYPES[self.dtype])
-
-    @property
-    def row_bytes(self) -> int:
-        return int(np.prod(self.feature_shape, dtype=np.int64)) * self.storage.itemsize
-
-    @property
-    def chunk_bytes(self) -> int:
-        return self.chunk_rows * self.row_bytes
-
-    def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"dtype": self.dtype, "storage_dtype": self.storage.str, "chunk_rows": self.chunk_rows}
-        if self.kind == ACTIVATIONS:
-            d["shape"] = list(self.feature_shape)
-        d.update(rows=self.rows, raw_bytes=self.raw_bytes, stored_bytes=self.stored_bytes)
-        return d
-
-
-# ---------------------------------------------------------------------------- shards
-class _OpenShard:
-    """The shard the writer thread is filling: ``shard-NNNNNN.h5.tmp`` until committed."""
-
-    def __init__(self, directory: Path, index: int, columns: list[_Column], codec: Codec,
-                 attrs: dict[str, Any]) -> None:
-        import h5py
-
-        self.index = index
-        self.final = directory / shard_name(index)
-        self.tmp = directory / (shard_name(index) + TMP_SUFFIX)
-        self.columns = columns
-        self.crcs: dict[str, list[int]] = {c.key: [] for c in columns}
-        self.raw: dict[str, int] = {c.key: 0 for c in columns}
-        self.stored: dict[str, int] = {c.key: 0 for c in columns}
-        self.file = h5py.File(self.tmp, "w")
-        try:
-            for k, v in attrs.items():
-                self.file.attrs[k] = v
-            self.datasets = {}
-            for c in columns:
-                ds = self.file.create_dataset(
-                    dataset_path(c.kind, c.name), shape=(0, *c.feature_shape), maxshape=(None, *c.feature_shape),
-                    chunks=(c.chunk_rows, *c.feature_shape), dtype=c.storage, **codec.h5py_kwargs(),
-                )
-                ds.attrs["dtype"] = c.dtype
-                self.datasets[c.key] = ds
-        except BaseException:
-            self.abort()
-            raise
-
-    def write_chunk(self, col: _Column, chunk_index: int, valid_rows: int, data: bytes, crc: int) -> None:
-        ds = self.datasets[col.key]
-        start = chunk_index * col.chunk_rows
-        end = start + valid_rows
-        if ds.shape[0] < end:
-            ds.resize(end, axis=0)
-        ds.id.write_direct_chunk((start,) + (0,) * len(col.feature_shape), data)
-        self.crcs[col.key].append(crc)
-        self.raw[col.key] += valid_rows * col.row_bytes
-        self.stored[col.key] += len(data)
-
-    def finish(self, rows: int) -> None:
-        """Write checksums and the row count, close the file, make it durable."""
-        for c in self.columns:
-            got = self.datasets[c.key].shape[0]
-            if got != rows:
-                raise RuntimeError(f"shard {self.tmp} dataset {c.key} has {got} rows, expected {rows}")
-            self.file.create_dataset(checksum_path(c.kind, c.name), data=np.asarray(self.crcs[c.key], dtype="<u4"))
-        self.file.attrs["rows"] = rows
-        self.file.close()
-
-    def abort(self) -> None:
-        try:
-            self.file.close()
-        except Exception:  # noqa: BLE001 - closing a broken file must not hide the first error
-            pass
-        try:
-            self.tmp.unlink()
-        except OSError:
-            pass
 
 
 @dataclass
@@ -281,15 +88,23 @@ class _Stats:
     started: float = field(default_factory=time.perf_counter)
 
 
-# ---------------------------------------------------------------------------- writer
+@dataclass
+class _Batch:
+    rows: int
+    dropped: bool = False
+    added: set[str] = field(default_factory=set)
+    staged: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)  # first batch only
+    tokens: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)
+
+
 class StoreWriter:
     """Append rows of activations and token metadata to an activation store.
 
     Example::
 
         with StoreWriter("run/acts", codec="zstd") as w:
-            w.append({"blocks.3.hook_resid_post": x}, tokens={"input_ids": ids, "sequence_id": seq,
-                                                             "position": pos})
+            w.append({"blocks.3.hook_resid_post": x},
+                     tokens={"input_ids": ids, "sequence_id": seq, "position": pos})
 
     Args:
         path: store directory; created if missing.
@@ -297,8 +112,9 @@ class StoreWriter:
             :class:`~lightning_llm_inst.store.codecs.Codec`.
         mode: ``"create"`` (fail if a store is there), ``"append"`` (resume an existing store,
             cleaning up what a killed writer left; create one if missing) or ``"overwrite"``.
-        shard_size: raw (uncompressed) bytes per shard before it is committed and the next
-            one opened; bounds what a crash can lose. Number or text such as ``"256MiB"``.
+        shard_size: raw (uncompressed) bytes after which a shard is committed and the next one
+            opened (a shard holds whole batches); bounds what a crash can lose. A number or text
+            such as ``"256MiB"``.
         chunk_size: target raw bytes of one HDF5 chunk (the unit of compression).
         max_buffer_bytes: bound on all bytes the writer holds (pending, queued, compressed).
         num_workers: compression threads; default: the number of CPUs, at most 16.
@@ -352,20 +168,20 @@ class StoreWriter:
         self.rank = rank
         self.recovered: list[dict[str, Any]] = []
         self._lock_fd: int | None = None
-        self._open_directory(mode)
-
-        self._columns: list[_Column] | None = None
-        self._hooks: dict[str, _Column] = {}
-        self._tokens: dict[str, _Column] = {}
+        self._columns: list[Column] | None = None
+        self._hooks: dict[str, Column] = {}
+        self._tokens: dict[str, Column] = {}
         self._rows_per_shard = 0
         self._shard_rows = 0
         self._ceiling = 0
-        self._budget = _ByteBudget(self.max_buffer_bytes)
+        self._batch: _Batch | None = None
+        self._budget = ByteBudget(self.max_buffer_bytes)
         self._stats = _Stats()
         self._error: BaseException | None = None
         self._closed = False
         self._last_drop_log = 0.0
         self._manifest_lock = threading.Lock()
+        self._open_directory(mode)
         if self._manifest.get("hooks") is not None:
             try:
                 self._restore_schema()
@@ -415,8 +231,6 @@ class StoreWriter:
                 return
             if mode == "overwrite":
                 self._remove_store_files()
-            else:
-                self._clean_leftovers(record=False)
             self._manifest = {
                 "format": FORMAT_NAME,
                 "format_version": FORMAT_VERSION,
@@ -432,6 +246,7 @@ class StoreWriter:
                 "recovered": [],
                 "metadata": self.metadata,
             }
+            self._clean_leftovers(record=False)
             write_json_atomic(d / MANIFEST, self._manifest)
         except StoreWriteError:
             self._release_lock()
@@ -444,7 +259,7 @@ class StoreWriter:
 
     def _clean_leftovers(self, record: bool = True) -> None:
         """Remove what a killed writer left: open shards, temp manifests, unlisted shards."""
-        listed = {s["file"] for s in self._manifest.get("shards", [])} if record else set()
+        listed = {s["file"] for s in self._manifest.get("shards", [])}
         for p in sorted(self.directory.iterdir()):
             name = p.name
             stray = name.endswith(TMP_SUFFIX) or (SHARD_RE.match(name) is not None and name not in listed)
@@ -452,8 +267,7 @@ class StoreWriter:
                 continue
             size = p.stat().st_size
             p.unlink()
-            entry = {"file": name, "bytes": size, "removed": _now()}
-            self.recovered.append(entry)
+            self.recovered.append({"file": name, "bytes": size, "removed": _now()})
             log.warning("activation store %s: removed %s (%d bytes) left by an interrupted writer; its rows "
                         "were never committed", self.directory, name, size)
         if self.recovered and record:
@@ -461,8 +275,7 @@ class StoreWriter:
             write_json_atomic(self.directory / MANIFEST, self._manifest)
 
     def _remove_store_files(self) -> None:
-        d = self.directory
-        for p in d.iterdir():
+        for p in self.directory.iterdir():
             if p.name == MANIFEST or p.name.endswith(TMP_SUFFIX) or SHARD_RE.match(p.name):
                 p.unlink()
             elif p.is_dir() and p.name.startswith("rank") and (p / MANIFEST).exists():
@@ -476,27 +289,24 @@ class StoreWriter:
                 f"the activation store at {os.fspath(self.directory)!r} uses codec {stored.spec!r}; "
                 f"resume it with codec={stored.spec!r} (got {self.codec.spec!r})", self.directory)
         cols = []
-        for name, h in m["hooks"].items():
-            cols.append(_Column(ACTIVATIONS, name, h["dtype"], tuple(h["shape"]), h["chunk_rows"],
-                                raw_bytes=h.get("raw_bytes", 0), stored_bytes=h.get("stored_bytes", 0),
-                                rows=h.get("rows", 0)))
-        for name, t in (m.get("tokens") or {}).items():
-            cols.append(_Column(TOKENS, name, t["dtype"], (), t["chunk_rows"], raw_bytes=t.get("raw_bytes", 0),
-                                stored_bytes=t.get("stored_bytes", 0), rows=t.get("rows", 0)))
+        for kind, key in ((ACTIVATIONS, "hooks"), (TOKENS, "tokens")):
+            for name, d in (m.get(key) or {}).items():
+                cols.append(Column(kind, name, d["dtype"], tuple(d.get("shape", ())), d["chunk_rows"],
+                                   raw_bytes=d.get("raw_bytes", 0), stored_bytes=d.get("stored_bytes", 0),
+                                   rows=d.get("rows", 0)))
         self._set_columns(cols, m.get("rows_per_shard"))
 
     # ------------------------------------------------------------------ schema
-    def _set_columns(self, cols: list[_Column], rows_per_shard: int | None = None) -> None:
+    def _set_columns(self, cols: list[Column], rows_per_shard: int | None = None) -> None:
         for c in cols:
             if not c.chunk_rows:
                 c.chunk_rows = max(1, self.chunk_size // max(1, c.row_bytes))
         total_row = sum(c.row_bytes for c in cols) or 1
         self._rows_per_shard = rows_per_shard or max(1, self.shard_size // total_row)
-        for c in cols:
-            c.chunk_rows = min(c.chunk_rows, self._rows_per_shard)
         biggest = max(c.chunk_bytes for c in cols)
-        reserve = self.num_workers * (biggest + biggest // 128 + 1024)
-        need = (len(cols) + 1) * biggest + reserve
+        reserve = self.num_workers * (biggest + biggest // 128 + 1024)  # raw + compressed while encoding
+        # a pending and a kept (batch-start) chunk per column, one more to make progress, the workers
+        need = (2 * len(cols) + 1) * biggest + reserve
         if need > self.max_buffer_bytes:
             raise ValueError(
                 f"max_buffer_bytes={self.max_buffer_bytes} is too small for {len(cols)} columns with chunks of up to "
@@ -507,101 +317,219 @@ class StoreWriter:
         self._hooks = {c.name: c for c in cols if c.kind == ACTIVATIONS}
         self._tokens = {c.name: c for c in cols if c.kind == TOKENS}
 
-    def _schema_from_batch(self, acts: dict[str, tuple[np.ndarray, str]],
-                           toks: dict[str, tuple[np.ndarray, str]]) -> None:
-        cols = [_Column(ACTIVATIONS, n, dt, tuple(int(s) for s in a.shape[1:])) for n, (a, dt) in acts.items()]
-        cols += [_Column(TOKENS, n, dt, ()) for n, (a, dt) in toks.items()]
-        self._set_columns(cols)
-        with self._manifest_lock:
-            self._manifest["rows_per_shard"] = self._rows_per_shard
-            self._describe_schema()
-
     def _describe_schema(self) -> None:
         self._manifest["hooks"] = {c.name: c.describe() for c in self._hooks.values()}
         self._manifest["tokens"] = {c.name: c.describe() for c in self._tokens.values()}
 
-    def _check_batch(self, acts: dict[str, tuple[np.ndarray, str]], toks: dict[str, tuple[np.ndarray, str]]) -> None:
-        for kind, given, known in (("hook point", acts, self._hooks), ("token field", toks, self._tokens)):
-            if set(given) != set(known):
-                missing = sorted(set(known) - set(given))
-                extra = sorted(set(given) - set(known))
-                raise ValueError(
-                    f"every append must give the same {kind}s as the first; missing: {missing or 'none'}, "
-                    f"unexpected: {extra or 'none'} (expected: {sorted(known)})")
-        for name, (a, dt) in acts.items():
-            c = self._hooks[name]
-            if tuple(a.shape[1:]) != c.feature_shape:
-                raise ValueError(f"hook point {name!r}: feature shape {tuple(a.shape[1:])} differs from earlier "
-                                 f"batches' {c.feature_shape} (batch shape {tuple(a.shape)})")
-            if dt != c.dtype:
-                raise TypeError(f"hook point {name!r}: dtype {dt} differs from earlier batches' {c.dtype}")
-        for name, (a, dt) in toks.items():
-            if dt != self._tokens[name].dtype:
-                raise TypeError(f"token field {name!r}: dtype {dt} differs from earlier batches' "
-                                f"{self._tokens[name].dtype}")
+    def _check_known(self, kind: str, given: set[str], known: Mapping[str, Column]) -> None:
+        if given != set(known):
+            missing = sorted(set(known) - given)
+            extra = sorted(given - set(known))
+            raise ValueError(f"every batch must give the same {kind}s as the first; missing: {missing or 'none'}, "
+                             f"unexpected: {extra or 'none'} (expected: {sorted(known)})")
+
+    def _check_column(self, c: Column, arr: np.ndarray, dt: str, what: str) -> None:
+        if tuple(arr.shape[1:]) != c.feature_shape:
+            raise ValueError(f"{what} {c.name!r}: feature shape {tuple(arr.shape[1:])} differs from earlier "
+                             f"batches' {c.feature_shape} (batch shape {tuple(arr.shape)})")
+        if dt != c.dtype:
+            raise TypeError(f"{what} {c.name!r}: dtype {dt} differs from earlier batches' {c.dtype}")
+
+    def _convert_tokens(self, tokens: Mapping[str, Any] | None, rows: int | None) -> dict[str, tuple[np.ndarray, str]]:
+        if tokens is not None and not isinstance(tokens, Mapping):
+            raise TypeError(f"tokens must be a mapping of field name to tensor, got {type(tokens).__name__}")
+        out = {}
+        for name, value in (tokens or {}).items():
+            check_name(name, "token field")
+            arr, dt = as_numpy(value, f"tokens[{name!r}]", TOKEN_DTYPES)
+            if arr.ndim != 1:
+                raise ValueError(f"token field {name!r}: expected shape [rows], got {tuple(arr.shape)}")
+            if rows is not None and arr.shape[0] != rows:
+                raise ValueError(f"token field {name!r} has {arr.shape[0]} rows; the batch has {rows}")
+            out[name] = (arr, dt)
+        if self._columns is not None:
+            self._check_known("token field", set(out), self._tokens)
+            for name, (arr, dt) in out.items():
+                self._check_column(self._tokens[name], arr, dt, "token field")
+        return out
+
+    def _convert_activation(self, name: str, value: Any) -> tuple[np.ndarray, str]:
+        check_name(name, "hook point")
+        arr, dt = as_numpy(value, f"activations[{name!r}]", ACTIVATION_DTYPES)
+        if arr.ndim < 1:
+            raise ValueError(f"hook point {name!r}: expected shape [rows, ...], got a 0-d tensor")
+        if self._columns is not None:
+            c = self._hooks.get(name)
+            if c is None:
+                raise ValueError(f"hook point {name!r} is not one of this store's hook points: {sorted(self._hooks)}")
+            self._check_column(c, arr, dt, "hook point")
+        return arr, dt
 
     # ------------------------------------------------------------------ appending
     def append(self, activations: Mapping[str, Any], tokens: Mapping[str, Any] | None = None) -> bool:
         """Add one batch: ``activations[hook]`` of shape ``[rows, *feature_shape]`` and
         ``tokens[name]`` of shape ``[rows]``, the same ``rows`` everywhere.
 
-        The rows are copied before this returns, so the caller may reuse its tensors. Returns
-        True if the batch was taken, False if it was dropped (``on_full="drop"``).
+        Everything is checked before anything is written; the rows are copied before this
+        returns, so the caller may reuse its tensors. Returns True if the batch was taken,
+        False if it was dropped (``on_full="drop"``).
         """
         self._raise_if_unusable()
+        if self._batch is not None:
+            raise RuntimeError("append() inside begin_batch()/end_batch(); finish the open batch first")
         if not isinstance(activations, Mapping) or not activations:
             raise TypeError(f"activations must be a non-empty mapping of hook name to tensor, "
                             f"got {type(activations).__name__}")
-        if tokens is not None and not isinstance(tokens, Mapping):
-            raise TypeError(f"tokens must be a mapping of field name to tensor, got {type(tokens).__name__}")
-        acts = {}
-        for name, value in activations.items():
-            _check_name(name, "hook point")
-            arr, dt = _as_numpy(value, f"activations[{name!r}]", ACTIVATION_DTYPES)
-            if arr.ndim < 1:
-                raise ValueError(f"hook point {name!r}: expected shape [rows, ...], got a 0-d tensor")
-            acts[name] = (arr, dt)
-        toks = {}
-        for name, value in (tokens or {}).items():
-            _check_name(name, "token field")
-            arr, dt = _as_numpy(value, f"tokens[{name!r}]", TOKEN_DTYPES)
-            if arr.ndim != 1:
-                raise ValueError(f"token field {name!r}: expected shape [rows], got {tuple(arr.shape)}")
-            toks[name] = (arr, dt)
+        acts = {name: self._convert_activation(name, v) for name, v in activations.items()}
+        toks = self._convert_tokens(tokens, None)
         counts = {f"activations[{n!r}]": a.shape[0] for n, (a, _) in acts.items()}
         counts.update({f"tokens[{n!r}]": a.shape[0] for n, (a, _) in toks.items()})
         if len(set(counts.values())) > 1:
             raise ValueError("all hook points and token fields of one append must have the same number of rows; got "
                              + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        if self._columns is not None:
+            self._check_known("hook point", set(acts), self._hooks)
         rows = next(iter(counts.values()))
-        if self._columns is None:
-            self._schema_from_batch(acts, toks)
-        else:
-            self._check_batch(acts, toks)
-        if rows == 0:
-            return True
-        if self.on_full == "drop" and not self._budget.fits(self._bytes_needed(rows), self._ceiling):
-            self._drop(rows)
+        if not self._begin(rows, toks):
+            self.end_batch()  # counts the drop
             return False
-        arrays = {self._hooks[n].key: a for n, (a, _) in acts.items()}
-        arrays.update({self._tokens[n].key: a for n, (a, _) in toks.items()})
-        offset = 0
-        while offset < rows:
-            take = min(rows - offset, self._rows_per_shard - self._shard_rows)
-            for c in self._columns:  # type: ignore[union-attr]
-                self._feed(c, arrays[c.key][offset : offset + take])
-            offset += take
-            self._shard_rows += take
-            if self._shard_rows == self._rows_per_shard:
-                self._end_shard()
-        self._stats.batches += 1
-        self._stats.rows_appended += rows
+        try:
+            for name, (arr, dt) in acts.items():
+                self._add(name, arr, dt)
+            self.end_batch()
+        except BaseException:
+            if self._batch is not None:
+                self.abort_batch()
+            raise
         return True
 
+    def begin_batch(self, rows: int, tokens: Mapping[str, Any] | None = None) -> bool:
+        """Open a batch of ``rows`` rows with its token fields; then :meth:`add` each hook
+        point and call :meth:`end_batch` (or :meth:`abort_batch`). Returns False if the batch
+        is dropped (``on_full="drop"``): its :meth:`add` calls are then accepted and ignored."""
+        self._raise_if_unusable()
+        if self._batch is not None:
+            raise RuntimeError("begin_batch() called while a batch is open; call end_batch() or abort_batch() first")
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"rows must be a non-negative integer, got {rows!r}")
+        return self._begin(rows, self._convert_tokens(tokens, rows))
+
+    def _begin(self, rows: int, toks: dict[str, tuple[np.ndarray, str]]) -> bool:
+        if self._columns is not None and self.on_full == "drop" and rows and \
+                not self._budget.fits(self._bytes_needed(rows), self._ceiling):
+            self._batch = _Batch(rows, dropped=True)
+            return False
+        self._batch = _Batch(rows, tokens=toks)
+        if self._columns is not None:
+            for c in self._columns:
+                c.mark_batch_start()
+            for name, (arr, _) in toks.items():
+                self._feed(self._tokens[name], arr)
+        return True
+
+    def add(self, hook: str, value: Any) -> None:
+        """Add one hook point's rows (``[rows, *feature_shape]``) to the open batch."""
+        self._raise_if_unusable()
+        b = self._batch
+        if b is None:
+            raise RuntimeError(f"add({hook!r}) outside a batch; call begin_batch(rows) first")
+        if b.dropped:
+            return
+        arr, dt = self._convert_activation(hook, value)
+        self._add(hook, arr, dt)
+
+    def _add(self, hook: str, arr: np.ndarray, dt: str) -> None:
+        b = self._batch
+        assert b is not None
+        if hook in b.added:
+            raise ValueError(f"hook point {hook!r} was already added to this batch")
+        if arr.shape[0] != b.rows:
+            raise ValueError(f"hook point {hook!r} has {arr.shape[0]} rows; the batch has {b.rows}")
+        b.added.add(hook)
+        if self._columns is None:  # the first batch defines the schema: keep a copy until it ends
+            b.staged[hook] = (np.array(arr, copy=True), dt)
+        else:
+            self._feed(self._hooks[hook], arr)
+
+    def end_batch(self) -> None:
+        """Close the open batch; every hook point must have been added."""
+        b = self._batch
+        if b is None:
+            raise RuntimeError("end_batch() without begin_batch()")
+        if b.dropped:
+            self._batch = None
+            self._drop(b.rows)
+            return
+        if self._columns is None:
+            self._first_batch_schema(b)
+        else:
+            try:
+                self._check_known("hook point", b.added, self._hooks)
+            except ValueError:
+                self.abort_batch()
+                raise
+        for c in self._columns:  # type: ignore[union-attr]
+            if c.keep is not None:
+                self._budget.release(c.keep.nbytes)
+                c.keep = None
+        self._batch = None
+        self._stats.batches += 1
+        self._stats.rows_appended += b.rows
+        self._shard_rows += b.rows
+        if self._shard_rows >= self._rows_per_shard:
+            self._end_shard()
+
+    def _first_batch_schema(self, b: _Batch) -> None:
+        if not b.staged:
+            self._batch = None
+            raise ValueError("a batch needs at least one hook point; none was added")
+        cols = [Column(ACTIVATIONS, n, dt, tuple(int(s) for s in a.shape[1:])) for n, (a, dt) in b.staged.items()]
+        cols += [Column(TOKENS, n, dt, ()) for n, (a, dt) in b.tokens.items()]
+        try:
+            self._set_columns(cols)
+        except ValueError:
+            self._batch = None
+            raise
+        with self._manifest_lock:
+            self._manifest["rows_per_shard"] = self._rows_per_shard
+            self._describe_schema()
+        for c in cols:
+            c.mark_batch_start()
+        for name, (arr, _) in b.tokens.items():
+            self._feed(self._tokens[name], arr)
+        for name, (arr, _) in b.staged.items():
+            self._feed(self._hooks[name], arr)
+        b.staged.clear()
+
+    def abort_batch(self) -> None:
+        """Forget the open batch: every column goes back to where the batch began."""
+        b = self._batch
+        if b is None:
+            return
+        self._batch = None
+        if b.dropped or self._columns is None:
+            return
+        for c in self._columns:
+            submitted = c.chunk_index > c.start_chunk
+            if c.buf is not None and submitted:  # a later chunk of the batch: discard it
+                self._budget.release(c.buf.nbytes)
+                c.buf = None
+            if c.keep is not None:  # the batch's first chunk went to the workers: rebuild it
+                buf = c.new_buffer()
+                buf[: c.start_filled] = c.keep[: c.start_filled]
+                c.buf = buf  # its bytes stay counted: ``keep``'s count moves to the new buffer
+                c.keep = None
+            elif c.start_filled == 0 and c.buf is not None:
+                self._budget.release(c.buf.nbytes)
+                c.buf = None
+            c.filled = c.start_filled
+            c.chunk_index = c.start_chunk
+            if submitted:
+                self._queue.put(("truncate", c, c.start_chunk))
+
     def _bytes_needed(self, rows: int) -> int:
-        """Upper bound on the chunk buffers a batch of ``rows`` may allocate."""
-        crossings = (self._shard_rows + rows) // self._rows_per_shard + 1
-        return sum((-(-rows // c.chunk_rows) + crossings) * c.chunk_bytes for c in self._columns)  # type: ignore[union-attr]
+        """Upper bound on the chunk buffers a batch of ``rows`` rows may allocate."""
+        return sum((-(-rows // c.chunk_rows) + 2) * c.chunk_bytes for c in self._columns)  # type: ignore[union-attr]
 
     def _drop(self, rows: int) -> None:
         self._stats.dropped_batches += 1
@@ -616,9 +544,8 @@ class StoreWriter:
                         "%d batches / %d rows dropped so far (on_full='drop')", self.directory, self._budget.held,
                         rows, self._stats.dropped_batches, self._stats.dropped_rows)
 
-    def _feed(self, c: _Column, arr: np.ndarray) -> None:
-        pos = 0
-        n_rows = arr.shape[0]
+    def _feed(self, c: Column, arr: np.ndarray) -> None:
+        pos, n_rows = 0, arr.shape[0]
         while pos < n_rows:
             if c.buf is None:
                 if self.on_full == "block":
@@ -626,7 +553,7 @@ class StoreWriter:
                     self._raise_if_unusable()
                 else:
                     self._budget.force(c.chunk_bytes)
-                c.buf = np.empty((c.chunk_rows, *c.feature_shape), dtype=c.storage)
+                c.buf = c.new_buffer()
                 c.filled = 0
             n = min(c.chunk_rows - c.filled, n_rows - pos)
             c.buf[c.filled : c.filled + n] = arr[pos : pos + n]
@@ -635,11 +562,14 @@ class StoreWriter:
             if c.filled == c.chunk_rows:
                 self._submit(c)
 
-    def _submit(self, c: _Column) -> None:
+    def _submit(self, c: Column) -> None:
         buf, valid = c.buf, c.filled
         assert buf is not None
         if valid < c.chunk_rows:
             buf[valid:] = 0  # HDF5 stores edge chunks whole
+        if self._batch is not None and c.chunk_index == c.start_chunk and c.start_filled:
+            c.keep = buf  # rows from before the batch: needed again if the batch is aborted
+            self._budget.force(buf.nbytes)
         try:
             fut = self._pool.submit(self._compress, buf, c.storage.itemsize)
         except RuntimeError:  # the pool is shut at interpreter exit: compress here
@@ -667,8 +597,8 @@ class StoreWriter:
 
     # ------------------------------------------------------------------ writer thread
     def _writer_loop(self) -> None:
-        shard: _OpenShard | None = None
-        index = self._next_shard_index()
+        shard: OpenShard | None = None
+        index = 1 + max((s["index"] for s in self._manifest.get("shards", [])), default=-1)
         while True:
             item = self._queue.get()
             kind = item[0]
@@ -689,11 +619,15 @@ class StoreWriter:
                     data, crc, dt = fut.result()
                     self._stats.compress_s += dt
                     if shard is None:
-                        shard = _OpenShard(self.directory, index, self._columns, self.codec, self._shard_attrs(index))
+                        shard = OpenShard(self.directory, index, self._columns, self.codec,  # type: ignore[arg-type]
+                                          self._shard_attrs(index))
                     t0 = time.perf_counter()
                     shard.write_chunk(col, chunk_index, valid, data, crc)
                     self._stats.write_s += time.perf_counter() - t0
                     self._budget.release(len(data))
+                elif kind == "truncate":
+                    if shard is not None:
+                        shard.truncate(item[1], item[2])
                 else:  # "end"
                     assert shard is not None
                     self._commit(shard, item[1])
@@ -725,10 +659,6 @@ class StoreWriter:
             log.error("%s", err)
         self._budget.fail()
 
-    def _next_shard_index(self) -> int:
-        shards = self._manifest.get("shards", [])
-        return 1 + max((s["index"] for s in shards), default=-1)
-
     def _shard_attrs(self, index: int) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
@@ -740,21 +670,17 @@ class StoreWriter:
             "metadata": json.dumps(self.metadata),
         }
 
-    def _commit(self, shard: _OpenShard, rows: int) -> None:
+    def _commit(self, shard: OpenShard, rows: int) -> None:
         t0 = time.perf_counter()
-        shard.finish(rows)
-        if self.fsync:
-            fsync_file(shard.tmp)
-        os.replace(shard.tmp, shard.final)
-        if self.fsync:
-            fsync_dir(self.directory)
-        raw = sum(shard.raw.values())
-        stored = sum(shard.stored.values())
+        totals = {c.key: shard.totals(c) for c in self._columns}  # type: ignore[union-attr]
+        shard.commit(rows, self.fsync)
+        raw = sum(r for r, _ in totals.values())
+        stored = sum(s for _, s in totals.values())
         with self._manifest_lock:
             for c in self._columns:  # type: ignore[union-attr]
                 c.rows += rows
-                c.raw_bytes += shard.raw[c.key]
-                c.stored_bytes += shard.stored[c.key]
+                c.raw_bytes += totals[c.key][0]
+                c.stored_bytes += totals[c.key][1]
             self._manifest["shards"].append({
                 "file": shard.final.name,
                 "index": shard.index,
@@ -788,19 +714,24 @@ class StoreWriter:
         ev.wait()
 
     def flush(self) -> None:
-        """Commit every row appended so far (the open shard ends early) and wait for it."""
+        """Commit every batch appended so far (the open shard ends early) and wait for it."""
         self._raise_if_unusable()
+        if self._batch is not None:
+            raise RuntimeError("flush() while a batch is open; call end_batch() or abort_batch() first")
         if self._shard_rows:
             self._end_shard()
         self._sync()
         self._raise_if_unusable()
 
     def close(self) -> None:
-        """Commit what was appended, stop the threads, release the store. Raises the first
-        error of the worker or writer threads, if any."""
+        """Commit every complete batch, stop the threads and release the store. A batch still
+        open is aborted. Raises the first error of the worker or writer threads, if any."""
         if self._closed:
             return
         try:
+            if self._batch is not None:
+                log.warning("activation store %s: closing with a batch open; its rows are discarded", self.directory)
+                self.abort_batch()
             if self._error is None and self._shard_rows:
                 self._end_shard()
             self._sync()
@@ -843,7 +774,7 @@ class StoreWriter:
             self.close()
         else:
             try:
-                self.close()  # commit the complete batches appended before the error
+                self.close()  # commit the complete batches given before the error
             except Exception as close_exc:  # noqa: BLE001 - the body's exception wins
                 log.error("closing activation store %s after an error failed: %s", self.directory, close_exc)
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lightning_llm_inst.store import ActivationStore, StoreWriteError, StoreWriter
-from lightning_llm_inst.store import writer as writer_mod
+from lightning_llm_inst.store import shard as shard_mod
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,13 +28,13 @@ def _append_all(w, batches):
 
 
 def _slow_sink(monkeypatch, delay_s: float) -> None:
-    real = writer_mod._OpenShard.write_chunk
+    real = shard_mod.OpenShard.write_chunk
 
     def slow(self, *args, **kwargs):
         time.sleep(delay_s)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(writer_mod._OpenShard, "write_chunk", slow)
+    monkeypatch.setattr(shard_mod.OpenShard, "write_chunk", slow)
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -152,7 +152,7 @@ def test_drop_counts_every_dropped_batch_in_the_manifest(tmp_path, monkeypatch, 
 
 # ---------------------------------------------------------------------------- errors in the caller's thread
 def test_disk_full_while_writing_reaches_the_caller_and_keeps_committed_shards(tmp_path, monkeypatch, batch_factory):
-    real = writer_mod._OpenShard.write_chunk
+    real = shard_mod.OpenShard.write_chunk
     calls = [0]
 
     def failing(self, *args, **kwargs):
@@ -161,7 +161,7 @@ def test_disk_full_while_writing_reaches_the_caller_and_keeps_committed_shards(t
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(writer_mod._OpenShard, "write_chunk", failing)
+    monkeypatch.setattr(shard_mod.OpenShard, "write_chunk", failing)
     path = tmp_path / "s"
     w = StoreWriter(path, codec="zstd:1", shard_size="30KB", chunk_size="2KiB")
     with pytest.raises(StoreWriteError) as err:
@@ -190,7 +190,7 @@ def test_disk_full_at_fsync_keeps_the_previous_manifest(tmp_path, monkeypatch, b
     def full(p):
         raise OSError(errno.ENOSPC, "No space left on device", str(p))
 
-    monkeypatch.setattr(writer_mod, "fsync_file", full)
+    monkeypatch.setattr(shard_mod, "fsync_file", full)
     w = StoreWriter(path, codec="lz4", mode="append")
     w.append(batch_factory(1, 100)["acts"])
     with pytest.raises(StoreWriteError, match="No space left on device"):
@@ -255,7 +255,7 @@ def test_permission_denied_mid_run_is_raised_in_the_caller(tmp_path, monkeypatch
     def denied(self, *a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
 
-    monkeypatch.setattr(writer_mod._OpenShard, "__init__", denied)
+    monkeypatch.setattr(shard_mod.OpenShard, "__init__", denied)
     w = StoreWriter(tmp_path / "s")
     w.append(batch_factory(0, 10)["acts"])
     with pytest.raises(StoreWriteError, match="Permission denied"):
@@ -350,3 +350,88 @@ def test_verify_finds_a_corrupted_chunk(tmp_path, batch_factory):
     shard.write_bytes(bytes(data))
     report = ActivationStore(path).verify()
     assert not report.ok and any("fails its CRC32 check" in p for p in report.problems)
+
+
+# ---------------------------------------------------------------------------- hook-by-hook batches
+def _stream(w, b):
+    rows = next(iter(b["acts"].values())).shape[0]
+    taken = w.begin_batch(rows, tokens=b["tokens"])
+    for hook, x in b["acts"].items():
+        w.add(hook, x)
+    return taken
+
+
+def test_batches_given_hook_by_hook_equal_whole_appends(tmp_path, batch_factory):
+    batches = [batch_factory(i, 37 * (i + 1)) for i in range(6)]
+    with StoreWriter(tmp_path / "a", chunk_size="1KiB", shard_size="40KB") as w:
+        _append_all(w, batches)
+    with StoreWriter(tmp_path / "b", chunk_size="1KiB", shard_size="40KB") as w:
+        for b in batches:
+            assert _stream(w, b)
+            w.end_batch()
+    a, b = ActivationStore(tmp_path / "a"), ActivationStore(tmp_path / "b")
+    assert a.rows == b.rows == sum(37 * (i + 1) for i in range(6))
+    # a shard holds whole batches: shard boundaries fall on batch boundaries
+    bounds = np.cumsum([s["rows"] for s in b.manifest["shards"]])
+    assert set(bounds) <= set(np.cumsum([37 * (i + 1) for i in range(6)]))
+    for hook in a.hooks:
+        assert a[hook].numpy(slice(None)).tobytes() == b[hook].numpy(slice(None)).tobytes()
+
+
+@pytest.mark.parametrize("abort_after_hooks", [0, 1, 2])
+def test_aborted_batch_leaves_no_trace(tmp_path, batch_factory, abort_after_hooks):
+    """An aborted batch may already have filled and shipped chunks; they must all go."""
+    good = [batch_factory(i, 150) for i in range(5)]
+    with StoreWriter(tmp_path / "s", chunk_size="2KiB", shard_size="1MB", num_workers=1) as w:
+        _append_all(w, good[:3])
+        bad = batch_factory(99, 500)  # spans several chunks of every column
+        w.begin_batch(500, tokens=bad["tokens"])
+        for hook in list(bad["acts"])[:abort_after_hooks]:
+            w.add(hook, bad["acts"][hook])
+        time.sleep(0.05)  # let the writer thread write the shipped chunks
+        w.abort_batch()
+        _append_all(w, good[3:])
+    store = ActivationStore(tmp_path / "s")
+    assert store.rows == 750 and store.verify().ok
+    for hook in good[0]["acts"]:
+        want = torch.cat([b["acts"][hook] for b in good])
+        assert store[hook].numpy(slice(None)).tobytes() == want.view(torch.int16).numpy().tobytes()
+    assert torch.equal(store.tokens["sequence_id"][:], torch.cat([b["tokens"]["sequence_id"] for b in good]))
+
+
+def test_batch_protocol_misuse_is_explained(tmp_path, batch_factory):
+    b = batch_factory(0, 10)
+    with StoreWriter(tmp_path / "s") as w:
+        with pytest.raises(RuntimeError, match=r"add\('x'\) outside a batch; call begin_batch\(rows\) first"):
+            w.add("x", torch.zeros(3))
+        _append_all(w, [b])
+        w.begin_batch(10, tokens=b["tokens"])
+        with pytest.raises(RuntimeError, match="begin_batch\\(\\) called while a batch is open"):
+            w.begin_batch(10)
+        with pytest.raises(ValueError, match="hook point 'blocks.0.hook_resid_post' has 9 rows; the batch has 10"):
+            w.add("blocks.0.hook_resid_post", b["acts"]["blocks.0.hook_resid_post"][:9])
+        w.add("blocks.0.hook_resid_post", b["acts"]["blocks.0.hook_resid_post"])
+        with pytest.raises(ValueError, match="'blocks.0.hook_resid_post' was already added"):
+            w.add("blocks.0.hook_resid_post", b["acts"]["blocks.0.hook_resid_post"])
+        with pytest.raises(ValueError, match=r"missing: \['blocks.1.hook_mlp_out'\]"):
+            w.end_batch()  # incomplete: rolled back
+        with pytest.raises(ValueError, match="token field 'position' has 9 rows; the batch has 10"):
+            w.begin_batch(10, tokens={**b["tokens"], "position": b["tokens"]["position"][:9]})
+    assert ActivationStore(tmp_path / "s").rows == 10
+
+
+def test_dropped_streamed_batch_ignores_its_adds(tmp_path, monkeypatch):
+    _slow_sink(monkeypatch, 0.02)
+    w = StoreWriter(tmp_path / "s", codec="none", on_full="drop", max_buffer_bytes="4MiB", chunk_size="128KiB",
+                    num_workers=1)
+    results = []
+    for i in range(40):
+        taken = w.begin_batch(1024, tokens={"seq": torch.full((1024,), i)})
+        w.add("x", torch.full((1024, 128), float(i)))
+        w.end_batch()
+        results.append(taken)
+    w.close()
+    store = ActivationStore(tmp_path / "s")
+    assert not all(results) and any(results)
+    assert store.dropped["batches"] == results.count(False)
+    assert torch.unique_consecutive(store.tokens["seq"][:]).tolist() == [i for i, t in enumerate(results) if t]

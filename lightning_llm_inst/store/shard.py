@@ -1,0 +1,104 @@
+"""The open shard: where the writer thread puts compressed chunks, and how a shard is committed.
+
+Stage: the writer thread of :class:`~lightning_llm_inst.store.writer.StoreWriter`. An
+:class:`OpenShard` is ``shard-NNNNNN.h5.tmp`` while it is filled; :meth:`OpenShard.commit`
+writes its checksums and row count, closes, fsyncs and renames it to ``shard-NNNNNN.h5``.
+The manifest is updated by the writer after that, so a reader never sees a partial shard.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_llm_inst.store.chunking import Column
+from lightning_llm_inst.store.codecs import Codec
+from lightning_llm_inst.store.format import TMP_SUFFIX, checksum_path, dataset_path, fsync_dir, fsync_file, shard_name
+
+__all__ = ["OpenShard"]
+
+
+class OpenShard:
+    """One shard being written: datasets created up front, chunks written directly."""
+
+    def __init__(self, directory: Path, index: int, columns: list[Column], codec: Codec, attrs: dict[str, Any]) -> None:
+        import h5py
+
+        self.index = index
+        self.directory = directory
+        self.final = directory / shard_name(index)
+        self.tmp = directory / (shard_name(index) + TMP_SUFFIX)
+        self.columns = columns
+        # per column: chunk index -> (crc32, stored bytes, raw bytes); a chunk may be rewritten
+        self.chunks: dict[str, dict[int, tuple[int, int, int]]] = {c.key: {} for c in columns}
+        self.file = h5py.File(self.tmp, "w")
+        try:
+            for k, v in attrs.items():
+                self.file.attrs[k] = v
+            self.datasets = {}
+            for c in columns:
+                ds = self.file.create_dataset(
+                    dataset_path(c.kind, c.name), shape=(0, *c.feature_shape), maxshape=(None, *c.feature_shape),
+                    chunks=(c.chunk_rows, *c.feature_shape), dtype=c.storage, **codec.h5py_kwargs(),
+                )
+                ds.attrs["dtype"] = c.dtype
+                self.datasets[c.key] = ds
+        except BaseException:
+            self.abort()
+            raise
+
+    def write_chunk(self, col: Column, chunk_index: int, valid_rows: int, data: bytes, crc: int) -> None:
+        ds = self.datasets[col.key]
+        start = chunk_index * col.chunk_rows
+        if ds.shape[0] < start + valid_rows:
+            ds.resize(start + valid_rows, axis=0)
+        ds.id.write_direct_chunk((start,) + (0,) * len(col.feature_shape), data)
+        self.chunks[col.key][chunk_index] = (crc, len(data), valid_rows * col.row_bytes)
+
+    def truncate(self, col: Column, chunk_index: int) -> None:
+        """Forget chunks ``chunk_index`` and after (an aborted batch). The cut is on a chunk
+        boundary, so HDF5 drops whole chunks and never has to re-filter one."""
+        ds = self.datasets[col.key]
+        rows = chunk_index * col.chunk_rows
+        if ds.shape[0] > rows:
+            ds.resize(rows, axis=0)
+        table = self.chunks[col.key]
+        for ci in [ci for ci in table if ci >= chunk_index]:
+            del table[ci]
+
+    def totals(self, col: Column) -> tuple[int, int]:
+        """(raw bytes, stored bytes) written for ``col``."""
+        table = self.chunks[col.key].values()
+        return sum(r for _, _, r in table), sum(s for _, s, _ in table)
+
+    def commit(self, rows: int, fsync: bool) -> None:
+        """Write checksums and the row count, close, fsync and rename to the final name."""
+        for c in self.columns:
+            got = self.datasets[c.key].shape[0]
+            table = self.chunks[c.key]
+            if got != rows or sorted(table) != list(range(len(table))):
+                raise RuntimeError(f"shard {self.tmp} dataset {c.key} holds {got} rows in chunks {sorted(table)}, "
+                                   f"expected {rows} rows")
+            crcs = np.asarray([table[i][0] for i in range(len(table))], dtype="<u4")
+            self.file.create_dataset(checksum_path(c.kind, c.name), data=crcs)
+        self.file.attrs["rows"] = rows
+        self.file.close()
+        if fsync:
+            fsync_file(self.tmp)
+        os.replace(self.tmp, self.final)
+        if fsync:
+            fsync_dir(self.directory)
+
+    def abort(self) -> None:
+        """Close and delete the temporary file (after an error)."""
+        try:
+            self.file.close()
+        except Exception:  # noqa: BLE001 - closing a broken file must not hide the first error
+            pass
+        try:
+            self.tmp.unlink()
+        except OSError:
+            pass
