@@ -117,7 +117,8 @@ class Column:
     dtype: str  # logical dtype name
     feature_shape: tuple[int, ...]
     chunk_rows: int = 0
-    buf: np.ndarray | None = None  # [chunk_rows, *feature_shape], storage dtype
+    planes: bool = False  # buffers hold byte planes (already in HDF5 shuffle order)
+    buf: np.ndarray | None = None  # rows: [chunk_rows, *feature_shape]; planes: uint8 [itemsize, chunk_rows * F]
     filled: int = 0
     chunk_index: int = 0  # within the open shard
     start_chunk: int = 0
@@ -136,15 +137,50 @@ class Column:
         return np.dtype(ACTIVATION_DTYPES[self.dtype])
 
     @property
+    def row_elems(self) -> int:
+        return int(np.prod(self.feature_shape, dtype=np.int64))
+
+    @property
     def row_bytes(self) -> int:
-        return int(np.prod(self.feature_shape, dtype=np.int64)) * self.storage.itemsize
+        return self.row_elems * self.storage.itemsize
 
     @property
     def chunk_bytes(self) -> int:
         return self.chunk_rows * self.row_bytes
 
     def new_buffer(self) -> np.ndarray:
+        if self.planes:
+            return np.empty((self.storage.itemsize, self.chunk_rows * self.row_elems), dtype=np.uint8)
         return np.empty((self.chunk_rows, *self.feature_shape), dtype=self.storage)
+
+    def put(self, src: np.ndarray, src_planes: bool, pos: int, n: int) -> None:
+        """Copy rows ``pos .. pos+n`` of ``src`` (rows, or byte planes) after the filled rows."""
+        assert self.buf is not None
+        f, a = self.row_elems, self.filled
+        if self.planes:
+            dst = self.buf[:, a * f : (a + n) * f]
+            if src_planes:
+                dst[...] = src[:, pos * f : (pos + n) * f]
+            else:  # shuffle on the CPU: [n * F, itemsize] -> [itemsize, n * F]
+                dst[...] = np.ascontiguousarray(src[pos : pos + n]).view(np.uint8).reshape(n * f, -1).T
+        elif src_planes:
+            rows = np.ascontiguousarray(src[:, pos * f : (pos + n) * f].T).view(self.storage)
+            self.buf[a : a + n] = rows.reshape(n, *self.feature_shape)
+        else:
+            self.buf[a : a + n] = src[pos : pos + n]
+
+    def zero_tail(self, buf: np.ndarray, valid: int) -> None:
+        """Zero the rows after ``valid``: HDF5 stores edge chunks whole."""
+        if self.planes:
+            buf[:, valid * self.row_elems :] = 0
+        else:
+            buf[valid:] = 0
+
+    def copy_prefix(self, dst: np.ndarray, src: np.ndarray, n: int) -> None:
+        if self.planes:
+            dst[:, : n * self.row_elems] = src[:, : n * self.row_elems]
+        else:
+            dst[:n] = src[:n]
 
     def mark_batch_start(self) -> None:
         self.start_chunk, self.start_filled, self.keep = self.chunk_index, self.filled, None

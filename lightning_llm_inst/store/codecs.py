@@ -161,9 +161,13 @@ class Codec:
         return kw
 
     # ------------------------------------------------------------------ encoding
-    def encode(self, raw: np.ndarray | bytes | memoryview, itemsize: int) -> bytes:
-        """Encode one chunk's raw bytes (``itemsize``-byte elements) into stored bytes."""
-        data: Any = shuffle_bytes(raw, itemsize) if self.shuffle else raw
+    def encode(self, raw: np.ndarray | bytes | memoryview, itemsize: int, *, shuffled: bool = False) -> bytes:
+        """Encode one chunk's raw bytes (``itemsize``-byte elements) into stored bytes.
+
+        ``shuffled=True`` says the bytes are already in shuffle order (packed that way on the
+        GPU), so only the compressor runs.
+        """
+        data: Any = shuffle_bytes(raw, itemsize) if self.shuffle and not shuffled else raw
         if self.name == "none":
             return np.ascontiguousarray(data).tobytes() if isinstance(data, np.ndarray) else bytes(data)
         mv = memoryview(np.ascontiguousarray(data).view(np.uint8).reshape(-1)) if isinstance(data, np.ndarray) \

@@ -92,8 +92,8 @@ class _Stats:
 class _Batch:
     rows: int
     dropped: bool = False
-    added: set[str] = field(default_factory=set)
-    staged: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)  # first batch only
+    added: dict[str, int] = field(default_factory=dict)  # hook -> rows added so far
+    staged: dict[str, list[tuple[np.ndarray, str, bool]]] = field(default_factory=dict)  # first batch only
     tokens: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)
 
 
@@ -395,7 +395,7 @@ class StoreWriter:
             return False
         try:
             for name, (arr, dt) in acts.items():
-                self._add(name, arr, dt)
+                self._add(name, arr, dt, False, arr.shape[0])
             self.end_batch()
         except BaseException:
             if self._batch is not None:
@@ -428,28 +428,60 @@ class StoreWriter:
         return True
 
     def add(self, hook: str, value: Any) -> None:
-        """Add one hook point's rows (``[rows, *feature_shape]``) to the open batch."""
+        """Add rows ``[n, *feature_shape]`` of one hook point to the open batch. A hook point
+        may come in several consecutive parts; by :meth:`end_batch` each must have all rows."""
+        if self._open_for(hook):
+            arr, dt = self._convert_activation(hook, value)
+            self._add(hook, arr, dt, False, arr.shape[0])
+
+    def add_packed(self, hook: str, planes: Any, dtype: str, feature_shape: tuple[int, ...]) -> None:
+        """Like :meth:`add`, for rows already in byte-plane order: ``planes`` is uint8
+        ``[itemsize, n * prod(feature_shape)]`` holding byte ``b`` of every element in row ``b``
+        (the HDF5 shuffle order of these rows). With a shuffling codec the writer then only
+        copies byte runs; the CPU never shuffles."""
+        if not self._open_for(hook):
+            return
+        check_name(hook, "hook point")
+        if dtype not in ACTIVATION_DTYPES:
+            raise TypeError(f"hook point {hook!r}: dtype {dtype!r} is not one of {', '.join(ACTIVATION_DTYPES)}")
+        arr, pdt = as_numpy(planes, f"packed rows of {hook!r}", {"uint8": "|u1"})
+        feature_shape = tuple(int(x) for x in feature_shape)
+        itemsize = np.dtype(ACTIVATION_DTYPES[dtype]).itemsize
+        elems = int(np.prod(feature_shape, dtype=np.int64))
+        if arr.ndim != 2 or arr.shape[0] != itemsize or (elems and arr.shape[1] % elems):
+            raise ValueError(f"packed rows of {hook!r} must be uint8 [{itemsize}, rows * {elems}] for {dtype} "
+                             f"{feature_shape}, got {tuple(arr.shape)}")
+        if self._columns is not None:
+            self._check_column(self._hooks[hook], np.empty((0, *feature_shape)), dtype, "hook point") \
+                if hook in self._hooks else self._convert_activation(hook, np.empty((0, *feature_shape)))
+        self._add(hook, arr, dtype, True, arr.shape[1] // elems if elems else 0, feature_shape)
+
+    def _open_for(self, hook: str) -> bool:
         self._raise_if_unusable()
         b = self._batch
         if b is None:
             raise RuntimeError(f"add({hook!r}) outside a batch; call begin_batch(rows) first")
-        if b.dropped:
-            return
-        arr, dt = self._convert_activation(hook, value)
-        self._add(hook, arr, dt)
+        return not b.dropped
 
-    def _add(self, hook: str, arr: np.ndarray, dt: str) -> None:
+    def _add(self, hook: str, arr: np.ndarray, dt: str, planes: bool, n: int,
+             feature_shape: tuple[int, ...] | None = None) -> None:
         b = self._batch
         assert b is not None
-        if hook in b.added:
-            raise ValueError(f"hook point {hook!r} was already added to this batch")
-        if arr.shape[0] != b.rows:
-            raise ValueError(f"hook point {hook!r} has {arr.shape[0]} rows; the batch has {b.rows}")
-        b.added.add(hook)
+        have = b.added.get(hook, 0)
+        if have + n > b.rows:
+            if have == b.rows:
+                raise ValueError(f"hook point {hook!r} was already added to this batch")
+            raise ValueError(f"hook point {hook!r} has {have + n} rows; the batch has {b.rows}")
+        b.added[hook] = have + n
         if self._columns is None:  # the first batch defines the schema: keep a copy until it ends
-            b.staged[hook] = (np.array(arr, copy=True), dt)
+            shape = feature_shape if planes else tuple(int(x) for x in arr.shape[1:])
+            parts = b.staged.setdefault(hook, [])
+            if parts and (parts[0][1], parts[0][3]) != (dt, shape):
+                raise ValueError(f"hook point {hook!r}: part with dtype {dt} {shape} differs from the first part's "
+                                 f"{parts[0][1]} {parts[0][3]}")
+            parts.append((np.array(arr, copy=True), dt, planes, shape))
         else:
-            self._feed(self._hooks[hook], arr)
+            self._feed(self._hooks[hook], arr, planes)
 
     def end_batch(self) -> None:
         """Close the open batch; every hook point must have been added."""
@@ -460,11 +492,16 @@ class StoreWriter:
             self._batch = None
             self._drop(b.rows)
             return
+        short = {h: n for h, n in b.added.items() if n != b.rows}
+        if short:
+            self.abort_batch()
+            raise ValueError("every hook point needs all rows of the batch; "
+                             + ", ".join(f"{h!r} got {n} of {b.rows}" for h, n in short.items()))
         if self._columns is None:
             self._first_batch_schema(b)
         else:
             try:
-                self._check_known("hook point", b.added, self._hooks)
+                self._check_known("hook point", set(b.added), self._hooks)
             except ValueError:
                 self.abort_batch()
                 raise
@@ -483,7 +520,8 @@ class StoreWriter:
         if not b.staged:
             self._batch = None
             raise ValueError("a batch needs at least one hook point; none was added")
-        cols = [Column(ACTIVATIONS, n, dt, tuple(int(s) for s in a.shape[1:])) for n, (a, dt) in b.staged.items()]
+        cols = [Column(ACTIVATIONS, n, parts[0][1], parts[0][3], planes=self.codec.shuffle and parts[0][2])
+                for n, parts in b.staged.items()]
         cols += [Column(TOKENS, n, dt, ()) for n, (a, dt) in b.tokens.items()]
         try:
             self._set_columns(cols)
@@ -497,8 +535,9 @@ class StoreWriter:
             c.mark_batch_start()
         for name, (arr, _) in b.tokens.items():
             self._feed(self._tokens[name], arr)
-        for name, (arr, _) in b.staged.items():
-            self._feed(self._hooks[name], arr)
+        for name, parts in b.staged.items():
+            for arr, _, planes, _ in parts:
+                self._feed(self._hooks[name], arr, planes)
         b.staged.clear()
 
     def abort_batch(self) -> None:
@@ -516,7 +555,7 @@ class StoreWriter:
                 c.buf = None
             if c.keep is not None:  # the batch's first chunk went to the workers: rebuild it
                 buf = c.new_buffer()
-                buf[: c.start_filled] = c.keep[: c.start_filled]
+                c.copy_prefix(buf, c.keep, c.start_filled)
                 c.buf = buf  # its bytes stay counted: ``keep``'s count moves to the new buffer
                 c.keep = None
             elif c.start_filled == 0 and c.buf is not None:
@@ -531,6 +570,11 @@ class StoreWriter:
         """Upper bound on the chunk buffers a batch of ``rows`` rows may allocate."""
         return sum((-(-rows // c.chunk_rows) + 2) * c.chunk_bytes for c in self._columns)  # type: ignore[union-attr]
 
+    def count_dropped(self, rows: int) -> None:
+        """Record a batch of ``rows`` rows that an upstream stage skipped (its own ``drop``
+        policy), so the manifest counts every dropped batch."""
+        self._drop(rows)
+
     def _drop(self, rows: int) -> None:
         self._stats.dropped_batches += 1
         self._stats.dropped_rows += rows
@@ -544,8 +588,9 @@ class StoreWriter:
                         "%d batches / %d rows dropped so far (on_full='drop')", self.directory, self._budget.held,
                         rows, self._stats.dropped_batches, self._stats.dropped_rows)
 
-    def _feed(self, c: Column, arr: np.ndarray) -> None:
-        pos, n_rows = 0, arr.shape[0]
+    def _feed(self, c: Column, arr: np.ndarray, planes: bool = False) -> None:
+        pos = 0
+        n_rows = (arr.shape[1] // c.row_elems if c.row_elems else 0) if planes else arr.shape[0]
         while pos < n_rows:
             if c.buf is None:
                 if self.on_full == "block":
@@ -556,7 +601,7 @@ class StoreWriter:
                 c.buf = c.new_buffer()
                 c.filled = 0
             n = min(c.chunk_rows - c.filled, n_rows - pos)
-            c.buf[c.filled : c.filled + n] = arr[pos : pos + n]
+            c.put(arr, planes, pos, n)
             c.filled += n
             pos += n
             if c.filled == c.chunk_rows:
@@ -566,15 +611,15 @@ class StoreWriter:
         buf, valid = c.buf, c.filled
         assert buf is not None
         if valid < c.chunk_rows:
-            buf[valid:] = 0  # HDF5 stores edge chunks whole
+            c.zero_tail(buf, valid)
         if self._batch is not None and c.chunk_index == c.start_chunk and c.start_filled:
             c.keep = buf  # rows from before the batch: needed again if the batch is aborted
             self._budget.force(buf.nbytes)
         try:
-            fut = self._pool.submit(self._compress, buf, c.storage.itemsize)
+            fut = self._pool.submit(self._compress, buf, c.storage.itemsize, c.planes)
         except RuntimeError:  # the pool is shut at interpreter exit: compress here
             fut = Future()
-            fut.set_result(self._compress(buf, c.storage.itemsize))
+            fut.set_result(self._compress(buf, c.storage.itemsize, c.planes))
         self._queue.put(("chunk", c, c.chunk_index, valid, fut))
         c.buf, c.filled = None, 0
         c.chunk_index += 1
@@ -587,9 +632,9 @@ class StoreWriter:
         self._queue.put(("end", self._shard_rows))
         self._shard_rows = 0
 
-    def _compress(self, buf: np.ndarray, itemsize: int) -> tuple[bytes, int, float]:
+    def _compress(self, buf: np.ndarray, itemsize: int, shuffled: bool) -> tuple[bytes, int, float]:
         t0 = time.perf_counter()
-        data = self.codec.encode(buf, itemsize)
+        data = self.codec.encode(buf, itemsize, shuffled=shuffled)
         crc = zlib.crc32(data)
         self._budget.force(len(data))
         self._budget.release(buf.nbytes)

@@ -408,11 +408,18 @@ def test_batch_protocol_misuse_is_explained(tmp_path, batch_factory):
         w.begin_batch(10, tokens=b["tokens"])
         with pytest.raises(RuntimeError, match="begin_batch\\(\\) called while a batch is open"):
             w.begin_batch(10)
-        with pytest.raises(ValueError, match="hook point 'blocks.0.hook_resid_post' has 9 rows; the batch has 10"):
-            w.add("blocks.0.hook_resid_post", b["acts"]["blocks.0.hook_resid_post"][:9])
-        w.add("blocks.0.hook_resid_post", b["acts"]["blocks.0.hook_resid_post"])
+        x = b["acts"]["blocks.0.hook_resid_post"]
+        w.add("blocks.0.hook_resid_post", x[:9])  # parts are fine ...
+        with pytest.raises(ValueError, match="hook point 'blocks.0.hook_resid_post' has 18 rows; the batch has 10"):
+            w.add("blocks.0.hook_resid_post", x[:9])  # ... but not more rows than the batch
+        w.add("blocks.0.hook_resid_post", x[9:])
         with pytest.raises(ValueError, match="'blocks.0.hook_resid_post' was already added"):
-            w.add("blocks.0.hook_resid_post", b["acts"]["blocks.0.hook_resid_post"])
+            w.add("blocks.0.hook_resid_post", x)
+        w.add("blocks.1.hook_mlp_out", b["acts"]["blocks.1.hook_mlp_out"][:4])
+        with pytest.raises(ValueError, match="'blocks.1.hook_mlp_out' got 4 of 10"):
+            w.end_batch()  # incomplete: rolled back
+        w.begin_batch(10, tokens=b["tokens"])
+        w.add("blocks.0.hook_resid_post", x)
         with pytest.raises(ValueError, match=r"missing: \['blocks.1.hook_mlp_out'\]"):
             w.end_batch()  # incomplete: rolled back
         with pytest.raises(ValueError, match="token field 'position' has 9 rows; the batch has 10"):
@@ -435,3 +442,48 @@ def test_dropped_streamed_batch_ignores_its_adds(tmp_path, monkeypatch):
     assert not all(results) and any(results)
     assert store.dropped["batches"] == results.count(False)
     assert torch.unique_consecutive(store.tokens["seq"][:]).tolist() == [i for i, t in enumerate(results) if t]
+
+
+def _planes(t: torch.Tensor) -> torch.Tensor:
+    """Rows in byte-plane order, as a GPU pack step produces them: [itemsize, rows * F]."""
+    bytes_ = t.contiguous().view(torch.uint8).reshape(t.numel(), t.element_size())
+    return bytes_.t().contiguous()
+
+
+@pytest.mark.parametrize("codec", ["zstd:1", "lz4", "none", "zstd-noshuffle"])
+def test_packed_byte_planes_store_the_same_bytes(tmp_path, batch_factory, codec):
+    batches = [batch_factory(i, 23 + 41 * i) for i in range(5)]
+    with StoreWriter(tmp_path / "rows", codec=codec, chunk_size="1KiB") as w:
+        _append_all(w, batches)
+    with StoreWriter(tmp_path / "packed", codec=codec, chunk_size="1KiB") as w:
+        for b in batches:
+            rows = b["tokens"]["position"].shape[0]
+            w.begin_batch(rows, tokens=b["tokens"])
+            for hook, x in b["acts"].items():
+                half = rows // 2  # in two parts, as a ring buffer may hand them over
+                for part in (x[:half], x[half:]):
+                    w.add_packed(hook, _planes(part), "bfloat16", tuple(x.shape[1:]))
+            w.end_batch()
+    a, p = ActivationStore(tmp_path / "rows"), ActivationStore(tmp_path / "packed")
+    for hook in a.hooks:
+        assert a[hook].numpy(slice(None)).tobytes() == p[hook].numpy(slice(None)).tobytes()
+    assert p.verify().ok
+    # identical chunk bytes on disk, not only identical values
+    import h5py
+
+    with h5py.File(next((tmp_path / "rows").glob("shard-*.h5"))) as fa, \
+            h5py.File(next((tmp_path / "packed").glob("shard-*.h5"))) as fp:
+        ds_a, ds_p = fa["activations/blocks.0.hook_resid_post"], fp["activations/blocks.0.hook_resid_post"]
+        for i in range(ds_a.id.get_num_chunks()):
+            off = ds_a.id.get_chunk_info(i).chunk_offset
+            assert ds_a.id.read_direct_chunk(off) == ds_p.id.read_direct_chunk(off)
+
+
+def test_packed_rows_are_checked(tmp_path):
+    with StoreWriter(tmp_path / "s") as w:
+        w.begin_batch(4)
+        with pytest.raises(ValueError, match=r"packed rows of 'h' must be uint8 \[2, rows \* 6\] for bfloat16"):
+            w.add_packed("h", torch.zeros(4, 12, dtype=torch.uint8), "bfloat16", (6,))
+        with pytest.raises(TypeError, match="dtype 'bf16' is not one of"):
+            w.add_packed("h", torch.zeros(2, 24, dtype=torch.uint8), "bf16", (6,))
+        w.abort_batch()
