@@ -161,15 +161,16 @@ class Codec:
         return kw
 
     # ------------------------------------------------------------------ encoding
-    def encode(self, raw: np.ndarray | bytes | memoryview, itemsize: int, *, shuffled: bool = False) -> bytes:
+    def encode(self, raw: np.ndarray | bytes | memoryview, itemsize: int, *, shuffled: bool = False) -> bytes | np.ndarray:
         """Encode one chunk's raw bytes (``itemsize``-byte elements) into stored bytes.
 
         ``shuffled=True`` says the bytes are already in shuffle order (packed that way on the
-        GPU), so only the compressor runs.
+        GPU), so only the compressor runs. Returns ``bytes``, or for ``none`` the (contiguous,
+        uint8) chunk itself.
         """
         data: Any = shuffle_bytes(raw, itemsize) if self.shuffle and not shuffled else raw
-        if self.name == "none":
-            return np.ascontiguousarray(data).tobytes() if isinstance(data, np.ndarray) else bytes(data)
+        if self.name == "none":  # no copy: the chunk buffer itself is written
+            return np.ascontiguousarray(data).reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else bytes(data)
         mv = memoryview(np.ascontiguousarray(data).view(np.uint8).reshape(-1)) if isinstance(data, np.ndarray) \
             else memoryview(data).cast("B")
         if self.name == "zstd":

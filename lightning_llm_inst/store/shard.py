@@ -1,8 +1,10 @@
 """The open shard: where the writer thread puts compressed chunks, and how a shard is committed.
 
 Stage: the writer thread of :class:`~lightning_llm_inst.store.writer.StoreWriter`. An
-:class:`OpenShard` is ``shard-NNNNNN.h5.tmp`` while it is filled; :meth:`OpenShard.commit`
-writes its checksums and row count, closes, fsyncs and renames it to ``shard-NNNNNN.h5``.
+:class:`OpenShard` is ``shard-NNNNNN.h5.tmp`` while it is filled; :meth:`OpenShard.close_file`
+writes its checksums and row count and closes it; :meth:`OpenShard.publish` (on the
+committer thread, while the writer fills the next shard) fsyncs and renames it to
+``shard-NNNNNN.h5``.
 The manifest is updated by the writer after that, so a reader never sees a partial shard.
 """
 
@@ -50,13 +52,13 @@ class OpenShard:
             self.abort()
             raise
 
-    def write_chunk(self, col: Column, chunk_index: int, valid_rows: int, data: bytes, crc: int) -> None:
+    def write_chunk(self, col: Column, chunk_index: int, valid_rows: int, data: bytes | np.ndarray, crc: int) -> None:
         ds = self.datasets[col.key]
         start = chunk_index * col.chunk_rows
         if ds.shape[0] < start + valid_rows:
             ds.resize(start + valid_rows, axis=0)
         ds.id.write_direct_chunk((start,) + (0,) * len(col.feature_shape), data)
-        self.chunks[col.key][chunk_index] = (crc, len(data), valid_rows * col.row_bytes)
+        self.chunks[col.key][chunk_index] = (crc, memoryview(data).nbytes, valid_rows * col.row_bytes)
 
     def truncate(self, col: Column, chunk_index: int) -> None:
         """Forget chunks ``chunk_index`` and after (an aborted batch). The cut is on a chunk
@@ -74,8 +76,8 @@ class OpenShard:
         table = self.chunks[col.key].values()
         return sum(r for _, _, r in table), sum(s for _, s, _ in table)
 
-    def commit(self, rows: int, fsync: bool) -> None:
-        """Write checksums and the row count, close, fsync and rename to the final name."""
+    def close_file(self, rows: int) -> None:
+        """Write checksums and the row count and close the file (writer thread)."""
         for c in self.columns:
             got = self.datasets[c.key].shape[0]
             table = self.chunks[c.key]
@@ -86,6 +88,9 @@ class OpenShard:
             self.file.create_dataset(checksum_path(c.kind, c.name), data=crcs)
         self.file.attrs["rows"] = rows
         self.file.close()
+
+    def publish(self, fsync: bool) -> None:
+        """Make the closed file durable and give it its final name (committer thread)."""
         if fsync:
             fsync_file(self.tmp)
         os.replace(self.tmp, self.final)

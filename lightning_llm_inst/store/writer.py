@@ -191,8 +191,11 @@ class StoreWriter:
 
         self._pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="llm-inst-compress")
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._commits: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._writer_loop, name="llm-inst-writer", daemon=True)
+        self._committer = threading.Thread(target=self._commit_loop, name="llm-inst-commit", daemon=True)
         self._thread.start()
+        self._committer.start()
         ref = weakref.ref(self)
         self._atexit = lambda: (w := ref()) is not None and w._close_at_exit()
         atexit.register(self._atexit)
@@ -636,7 +639,7 @@ class StoreWriter:
         t0 = time.perf_counter()
         data = self.codec.encode(buf, itemsize, shuffled=shuffled)
         crc = zlib.crc32(data)
-        self._budget.force(len(data))
+        self._budget.force(memoryview(data).nbytes)
         self._budget.release(buf.nbytes)
         return data, crc, time.perf_counter() - t0
 
@@ -647,12 +650,12 @@ class StoreWriter:
         while True:
             item = self._queue.get()
             kind = item[0]
-            if kind == "stop":
-                if shard is not None:
+            if kind in ("stop", "sync"):  # through the committer, so it has finished too
+                if kind == "stop" and shard is not None:
                     shard.abort()
-                return
-            if kind == "sync":
-                item[1].set()
+                self._commits.put(item)
+                if kind == "stop":
+                    return
                 continue
             try:
                 if self._error is not None:  # failed: drain, freeing what was held
@@ -669,13 +672,17 @@ class StoreWriter:
                     t0 = time.perf_counter()
                     shard.write_chunk(col, chunk_index, valid, data, crc)
                     self._stats.write_s += time.perf_counter() - t0
-                    self._budget.release(len(data))
+                    self._budget.release(memoryview(data).nbytes)
                 elif kind == "truncate":
                     if shard is not None:
                         shard.truncate(item[1], item[2])
-                else:  # "end"
+                else:  # "end": close here, make durable and list on the committer thread
                     assert shard is not None
-                    self._commit(shard, item[1])
+                    totals = {c.key: shard.totals(c) for c in self._columns}  # type: ignore[union-attr]
+                    t0 = time.perf_counter()
+                    shard.close_file(item[1])
+                    self._stats.commit_s += time.perf_counter() - t0
+                    self._commits.put(("commit", shard, item[1], totals))
                     shard = None
                     index += 1
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
@@ -692,7 +699,7 @@ class StoreWriter:
             data, _, _ = fut.result()
         except BaseException:  # noqa: BLE001 - the first error is the one reported
             return
-        self._budget.release(len(data))
+        self._budget.release(memoryview(data).nbytes)
 
     def _set_error(self, exc: BaseException, where: Path) -> None:
         if self._error is None:
@@ -715,10 +722,27 @@ class StoreWriter:
             "metadata": json.dumps(self.metadata),
         }
 
-    def _commit(self, shard: OpenShard, rows: int) -> None:
+    def _commit_loop(self) -> None:
+        while True:
+            item = self._commits.get()
+            if item[0] == "stop":
+                return
+            if item[0] == "sync":
+                item[1].set()
+                continue
+            _, shard, rows, totals = item
+            if self._error is not None:
+                shard.abort()
+                continue
+            try:
+                self._commit(shard, rows, totals)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                shard.abort()
+                self._set_error(exc, shard.tmp)
+
+    def _commit(self, shard: OpenShard, rows: int, totals: dict[str, tuple[int, int]]) -> None:
         t0 = time.perf_counter()
-        totals = {c.key: shard.totals(c) for c in self._columns}  # type: ignore[union-attr]
-        shard.commit(rows, self.fsync)
+        shard.publish(self.fsync)
         raw = sum(r for r, _ in totals.values())
         stored = sum(s for _, s in totals.values())
         with self._manifest_lock:
@@ -791,6 +815,7 @@ class StoreWriter:
             self._closed = True
             self._queue.put(("stop",))
             self._thread.join()
+            self._committer.join()
             self._pool.shutdown(wait=True)
             self._release_lock()
             atexit.unregister(self._atexit)
