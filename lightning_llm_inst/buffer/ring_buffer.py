@@ -1,0 +1,156 @@
+"""Ring buffers between the compute stream and the store writer.
+
+Stage: after the pack step, before the writer. On a GPU, each captured tensor is packed into
+a slice of a preallocated device ring; a side stream waits on the slice's "packed" event and
+copies it into a slice of a preallocated pinned host pool (bounded by the memory budget);
+the drain thread waits on the "copied" event, frees the device slice, hands the host bytes
+to the writer and frees the host slice. Nothing is allocated per batch and the compute
+stream never synchronises. On a CPU the same path runs with one host ring and no streams.
+
+Both rings are FIFO: slices are freed in the order they were taken.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["ByteRing", "CaptureBuffers", "Slice"]
+
+
+@dataclass(frozen=True)
+class Slice:
+    ring: ByteRing
+    offset: int
+    nbytes: int
+    charged: int  # nbytes plus the tail skipped when the slice wrapped around
+
+    def view(self) -> torch.Tensor:
+        return self.ring.buffer[self.offset : self.offset + self.nbytes]
+
+
+class ByteRing:
+    """A FIFO allocator over one preallocated uint8 buffer, with waiting for room."""
+
+    def __init__(self, buffer: torch.Tensor, name: str) -> None:
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1:
+            raise ValueError("a ring needs a 1-D uint8 buffer")
+        self.buffer = buffer
+        self.capacity = buffer.numel()
+        self.name = name
+        self._live: deque[Slice] = deque()
+        self._head = 0  # next free byte
+        self.used = 0
+        self.peak = 0
+        self.waited_s = 0.0
+        self._cond = threading.Condition()
+        self._failed: BaseException | None = None
+
+    def _place(self, nbytes: int) -> tuple[int, int] | None:
+        if not self._live:
+            self._head = 0
+            return (0, nbytes) if nbytes <= self.capacity else None
+        tail = self._live[0].offset
+        if self._head > tail or (self._head == tail and self.used == 0):
+            if self.capacity - self._head >= nbytes:
+                return self._head, nbytes
+            if tail >= nbytes:  # wrap: skip the end of the buffer
+                return 0, nbytes + (self.capacity - self._head)
+            return None
+        if tail - self._head >= nbytes:
+            return self._head, nbytes
+        return None
+
+    def alloc(self, nbytes: int, block: bool = True) -> Slice | None:
+        """Take ``nbytes``; wait for frees if ``block`` else return None when full."""
+        if nbytes > self.capacity:
+            raise ValueError(f"{self.name}: {nbytes} bytes asked of a ring of {self.capacity}")
+        with self._cond:
+            place = self._place(nbytes)
+            if place is None and block:
+                t0 = time.perf_counter()
+                while place is None and self._failed is None:
+                    self._cond.wait(timeout=1.0)
+                    place = self._place(nbytes)
+                self.waited_s += time.perf_counter() - t0
+            if self._failed is not None:
+                raise self._failed
+            if place is None:
+                return None
+            offset, charged = place
+            s = Slice(self, offset, nbytes, charged)
+            self._live.append(s)
+            self._head = offset + nbytes
+            self.used += charged
+            self.peak = max(self.peak, self.used)
+            return s
+
+    def free(self, s: Slice) -> None:
+        with self._cond:
+            if not self._live or self._live[0] is not s:
+                raise RuntimeError(f"{self.name}: slices must be freed in the order they were taken")
+            self._live.popleft()
+            self.used -= s.charged
+            self._cond.notify_all()
+
+    def fits(self, nbytes: int) -> bool:
+        with self._cond:
+            return self._place(nbytes) is not None
+
+    def fail(self, exc: BaseException) -> None:
+        """Wake waiters with ``exc``: the consumer has died."""
+        with self._cond:
+            self._failed = exc
+            self._cond.notify_all()
+
+
+class CaptureBuffers:
+    """The device ring, the host pool and the side stream of one capture.
+
+    Args:
+        device: where the captured tensors live.
+        host_bytes: host pool size (pinned when ``device`` is CUDA): the memory bound.
+        device_bytes: device ring size (CUDA only).
+    """
+
+    def __init__(self, device: torch.device | str, host_bytes: int, device_bytes: int = 0) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        pinned = self.cuda and torch.cuda.is_available()
+        self.host = ByteRing(torch.empty(host_bytes, dtype=torch.uint8, pin_memory=pinned), "host pool")
+        self.device_ring: ByteRing | None = None
+        self.side_stream: Any = None
+        if self.cuda:
+            self.device_ring = ByteRing(torch.empty(device_bytes, dtype=torch.uint8, device=self.device), "GPU ring")
+            self.side_stream = torch.cuda.Stream(device=self.device)
+
+    @property
+    def max_slice(self) -> int:
+        """The largest slice both rings can always give (a quarter of the smaller)."""
+        cap = self.host.capacity if self.device_ring is None else min(self.host.capacity, self.device_ring.capacity)
+        return max(1, cap // 4)
+
+    def free_bytes(self) -> int:
+        """Bytes free in the fuller of the two rings."""
+        free = self.host.capacity - self.host.used
+        if self.device_ring is not None:
+            free = min(free, self.device_ring.capacity - self.device_ring.used)
+        return free
+
+    def fail(self, exc: BaseException) -> None:
+        self.host.fail(exc)
+        if self.device_ring is not None:
+            self.device_ring.fail(exc)
+
+    def stats(self) -> dict[str, Any]:
+        out = {"host_pool_bytes": self.host.capacity, "host_pool_peak_bytes": self.host.peak,
+               "host_pool_wait_s": self.host.waited_s, "host_pool_pinned": bool(self.host.buffer.is_pinned())}
+        if self.device_ring is not None:
+            out.update(gpu_ring_bytes=self.device_ring.capacity, gpu_ring_peak_bytes=self.device_ring.peak,
+                       gpu_ring_wait_s=self.device_ring.waited_s)
+        return out

@@ -1,0 +1,398 @@
+"""The capture pipeline: forward hooks -> pack -> ring buffers -> drain thread -> store writer.
+
+Stage: everything between a model's forward pass and :class:`StoreWriter`. A pre-hook on
+the model's root module opens a "forward" (token selection from ``input_ids`` and the
+attention mask, or from a context the caller set); each hook point packs its selected rows
+into the rings (:mod:`lightning_llm_inst.buffer`); a post-hook on the root closes the
+forward. One drain thread replays these steps on the writer in order, so the model's thread
+never waits on compression or disk -- only on ring space when the writer falls behind
+(``on_full="block"``), or it skips the whole forward (``"drop"``, counted in the manifest).
+
+During ``generate()`` with a KV cache, the prefill and every decode step are forwards of
+their own: decode steps keep the sequence ids of their prefill, get their true positions
+from the attention mask and count up ``step``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_llm_inst.buffer.pack import pack_rows
+from lightning_llm_inst.buffer.ring_buffer import CaptureBuffers, Slice
+from lightning_llm_inst.capture.hooks import HookHandles, HookPoint, normalize_input, register_hooks
+from lightning_llm_inst.capture.tokens import TokenSelection, TokenSelector
+from lightning_llm_inst.store.writer import StoreWriter
+
+__all__ = ["BatchContext", "CapturePipeline"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchContext:
+    """What the caller knows of the next forward when the model is not called with
+    ``input_ids`` (e.g. a LightningModule whose ``forward`` takes the batch)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    sequence_ids: torch.Tensor | None = None
+
+
+@dataclass
+class _Forward:
+    sel: TokenSelection
+    dropped: bool = False
+    fired: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Counters:
+    forwards: int = 0
+    forwards_dropped: int = 0
+    rows: int = 0
+    bytes_packed: int = 0
+    hook_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+
+class CapturePipeline:
+    """Capture hook points of one model into one store writer.
+
+    Args:
+        writer: the store writer (owned by the pipeline from now on: the drain thread calls it).
+        hook_points: resolved hook points.
+        selector: which tokens become rows.
+        buffers: the rings; their host pool bounds the pipeline's own memory.
+        storage_dtype: dtype rows are stored in; ``None`` keeps each tensor's dtype.
+        on_full: ``"block"`` or ``"drop"`` when the rings are full.
+        impl: pack implementation, ``"torch"`` or ``"cuda"``.
+        sequence_offset, sequence_stride: sequence ids given to forwards without explicit ids
+            are ``offset + k * stride`` (rank and world size under DDP keep them unique).
+    """
+
+    def __init__(self, writer: StoreWriter, hook_points: list[HookPoint], selector: TokenSelector,
+                 buffers: CaptureBuffers, *, storage_dtype: torch.dtype | None = None, on_full: str = "block",
+                 impl: str = "torch", sequence_offset: int = 0, sequence_stride: int = 1) -> None:
+        self.writer = writer
+        self.hook_points = list(hook_points)
+        self.selector = selector
+        self.buffers = buffers
+        self.storage_dtype = storage_dtype
+        self.on_full = on_full
+        self.impl = impl
+        self.shuffle = writer.codec.shuffle and buffers.cuda  # on a CPU the writer's workers shuffle
+        self._next_sequence = sequence_offset
+        self._sequence_stride = sequence_stride
+        self._last_sequence_ids: torch.Tensor | None = None
+        self._step = 0
+        self._context: BatchContext | None = None
+        self._forward: _Forward | None = None
+        self._row_bytes: int | None = None  # bytes per selected row over all hook points
+        self._handles: HookHandles | None = None
+        self._root_handles: list[Any] = []
+        self._counters = _Counters()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._drain = threading.Thread(target=self._drain_loop, name="llm-inst-drain", daemon=True)
+        self._drain.start()
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, model: nn.Module) -> None:
+        """Register the root pre/post hooks and the hook points' hooks on ``model``."""
+        if self._handles is not None:
+            raise RuntimeError("the pipeline is already attached to a model")
+        self._handles = register_hooks(model, self.hook_points, self._on_hook)
+        self._root_handles = [
+            model.register_forward_pre_hook(self._on_root_start, with_kwargs=True),
+            model.register_forward_hook(self._on_root_end),
+        ]
+
+    def detach(self) -> None:
+        """Remove every hook (idempotent); a forward still open is aborted."""
+        if self._forward is not None:
+            self.abort_forward()
+        if self._handles is not None:
+            self._handles.remove()
+            self._handles = None
+        for h in self._root_handles:
+            h.remove()
+        self._root_handles = []
+
+    @property
+    def attached(self) -> bool:
+        return self._handles is not None
+
+    def set_context(self, context: BatchContext | None) -> None:
+        """Token ids / mask / sequence ids for the next forwards whose root call lacks them."""
+        self._context = context
+
+    def _on_root_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._forward is not None:  # the previous forward raised before its end hook
+            self.abort_forward()
+        self._raise_if_failed()
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            input_ids = args[0]
+        mask = kwargs.get("attention_mask")
+        seq_ids = None
+        ctx = self._context
+        if input_ids is None:
+            if ctx is None:
+                raise RuntimeError(
+                    "the instrumented model was called without input_ids and no batch context was set; "
+                    "call it with input_ids=... or give the capture the batch's input_ids")
+            input_ids, mask, seq_ids = ctx.input_ids, ctx.attention_mask, ctx.sequence_ids
+        elif ctx is not None and ctx.sequence_ids is not None and ctx.input_ids.shape[0] == input_ids.shape[0]:
+            seq_ids = ctx.sequence_ids
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if mask is not None and mask.dim() == 1:
+            mask = mask.unsqueeze(0)
+        if self._is_decode_step(kwargs, input_ids) and self._last_sequence_ids is not None:
+            self._step += 1
+            seq_ids = self._last_sequence_ids
+        else:
+            self._step = 0
+            if seq_ids is None:
+                b = input_ids.shape[0]
+                seq_ids = self._next_sequence + self._sequence_stride * torch.arange(b, dtype=torch.int64)
+                self._next_sequence += self._sequence_stride * b
+            self._last_sequence_ids = torch.as_tensor(seq_ids, dtype=torch.int64).reshape(-1).cpu()
+        device = self._device_of(module)
+        sel = self.selector.select(input_ids, mask, self._last_sequence_ids, step=self._step, device=device)
+        self.begin_forward(sel)
+
+    @staticmethod
+    def _is_decode_step(kwargs: dict, input_ids: torch.Tensor) -> bool:
+        cache_position = kwargs.get("cache_position")
+        if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+            return bool(cache_position.reshape(-1)[0].item() > 0)
+        past = kwargs.get("past_key_values")
+        if past is not None and hasattr(past, "get_seq_length"):
+            return bool(past.get_seq_length() > 0)
+        return False
+
+    @staticmethod
+    def _device_of(module: nn.Module) -> torch.device:
+        for p in module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _on_root_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._forward is not None:
+            self.end_forward()
+
+    # ------------------------------------------------------------------ forwards
+    def begin_forward(self, sel: TokenSelection) -> None:
+        self._raise_if_failed()
+        fwd = _Forward(sel)
+        rows = sel.rows
+        if self.on_full == "drop" and rows and self._row_bytes is not None:
+            if rows * self._row_bytes > self.buffers.free_bytes():
+                fwd.dropped = True
+                self._counters.forwards_dropped += 1
+                self._commands.put(("dropped", rows))
+        if not fwd.dropped:
+            self._commands.put(("begin", rows, sel.tokens))
+        self._forward = fwd
+
+    def _on_hook(self, hp: HookPoint, x: torch.Tensor) -> None:
+        fwd = self._forward
+        if fwd is None or fwd.dropped:
+            return
+        t0 = time.perf_counter()
+        sel = fwd.sel
+        b, t = sel.batch_size, sel.seq_len
+        if x.dim() >= 2 and x.shape[0] == b and x.shape[1] == t:
+            flat = x.reshape(b * t, *x.shape[2:]) if x.dim() > 2 else x.reshape(b * t, 1)
+        elif x.shape[0] == b * t:
+            flat = x
+        else:
+            raise ValueError(f"hook point {hp.name!r}: output of shape {tuple(x.shape)} does not start with "
+                             f"[batch, seq] = [{b}, {t}] (or [batch * seq])")
+        feature = tuple(flat.shape[1:])
+        dtype = self.storage_dtype or flat.dtype
+        dtype_name = str(dtype).removeprefix("torch.")
+        index = None if sel.all_rows else sel.index
+        row_elems = int(np.prod(feature, dtype=np.int64))
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        rows = sel.rows
+        per_part = max(1, self.buffers.max_slice // max(1, row_elems * itemsize))
+        with torch.no_grad():
+            for a in range(0, rows, per_part) if rows else [0]:
+                n = min(per_part, rows - a)
+                part_index = index[a : a + n] if index is not None else (
+                    None if n == rows else torch.arange(a, a + n, device=flat.device))
+                self._pack_part(hp.name, flat, part_index, dtype, dtype_name, feature, n * row_elems * itemsize)
+        fwd.fired[hp.name] = fwd.fired.get(hp.name, 0) + 1
+        self._counters.bytes_packed += rows * row_elems * itemsize
+        self._counters.hook_s += time.perf_counter() - t0
+
+    def _pack_part(self, hook: str, flat: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype,
+                   dtype_name: str, feature: tuple[int, ...], nbytes: int) -> None:
+        bufs = self.buffers
+        host = bufs.host.alloc(nbytes) if nbytes else None
+        if not bufs.cuda:
+            out = host.view() if host is not None else torch.empty(0, dtype=torch.uint8)
+            pack_rows(flat, index, dtype, out, self.shuffle, impl="torch")
+            self._commands.put(("add", hook, None, None, host, dtype_name, feature))
+            return
+        dev = bufs.device_ring.alloc(nbytes) if nbytes else None  # type: ignore[union-attr]
+        out = dev.view() if dev is not None else torch.empty(0, dtype=torch.uint8, device=flat.device)
+        pack_rows(flat, index, dtype, out, self.shuffle, impl=self.impl)
+        event = None
+        if nbytes:
+            packed = torch.cuda.Event()
+            packed.record()
+            event = torch.cuda.Event()
+            with torch.cuda.stream(bufs.side_stream):
+                bufs.side_stream.wait_event(packed)
+                host.view().copy_(dev.view(), non_blocking=True)  # type: ignore[union-attr]
+                event.record(bufs.side_stream)
+        self._commands.put(("add", hook, event, dev, host, dtype_name, feature))
+
+    def end_forward(self) -> None:
+        fwd = self._forward
+        self._forward = None
+        if fwd is None or fwd.dropped:
+            return
+        missing = [hp.name for hp in self.hook_points if hp.name not in fwd.fired]
+        if missing:
+            self._commands.put(("abort",))
+            raise RuntimeError(f"hook point(s) {missing} did not run during the forward pass; every hook point must "
+                               f"run once per forward (check the hook spec against the model)")
+        self._commands.put(("end",))
+        c = self._counters
+        c.forwards += 1
+        c.rows += fwd.sel.rows
+        if fwd.sel.rows:
+            self._row_bytes = c.bytes_packed // max(1, c.rows)
+
+    def abort_forward(self) -> None:
+        """Forget the open forward (it raised): none of its rows are stored."""
+        fwd = self._forward
+        self._forward = None
+        if fwd is not None and not fwd.dropped:
+            self._commands.put(("abort",))
+
+    # ------------------------------------------------------------------ drain thread
+    def _drain_loop(self) -> None:
+        w = self.writer
+        while True:
+            cmd = self._commands.get()
+            kind = cmd[0]
+            if kind == "stop":
+                return
+            try:
+                if kind == "add":
+                    _, hook, event, dev, host, dtype_name, feature = cmd
+                    if event is not None:
+                        event.synchronize()
+                    if dev is not None:
+                        dev.ring.free(dev)
+                    if self._error is None:
+                        data = host.view().numpy() if host is not None else np.empty(0, np.uint8)
+                        if self.shuffle:
+                            w.add_packed(hook, data.reshape(_itemsize(dtype_name), -1), dtype_name, feature)
+                        else:
+                            w.add(hook, _rows_view(data, dtype_name, feature))
+                    if host is not None:
+                        host.ring.free(host)
+                elif self._error is not None:
+                    if kind == "sync":
+                        cmd[1].set()
+                    continue
+                elif kind == "begin":
+                    w.begin_batch(cmd[1], tokens=cmd[2])
+                elif kind == "end":
+                    w.end_batch()
+                elif kind == "abort":
+                    w.abort_batch()
+                elif kind == "dropped":
+                    w.count_dropped(cmd[1])
+                elif kind == "sync":
+                    if cmd[2]:
+                        w.flush()
+                    cmd[1].set()
+            except BaseException as exc:  # noqa: BLE001 - raised in the model's thread
+                if self._error is None:
+                    self._error = exc
+                    self.buffers.fail(exc)
+                    log.error("activation capture failed: %s", exc)
+                if kind == "add":
+                    for s in (cmd[3], cmd[4]):
+                        if s is not None:
+                            try:
+                                s.ring.free(s)
+                            except RuntimeError:
+                                pass
+                if kind == "sync":
+                    cmd[1].set()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _sync(self, flush: bool) -> None:
+        ev = threading.Event()
+        self._commands.put(("sync", ev, flush))
+        ev.wait()
+
+    def flush(self) -> None:
+        """Wait until everything captured so far is committed to the store."""
+        self._sync(flush=True)
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        """Detach, drain, and close the writer (committing every complete forward)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.detach()
+        self._sync(flush=False)
+        self._commands.put(("stop",))
+        self._drain.join()
+        try:
+            self.writer.close()
+        finally:
+            if self._error is not None:
+                raise self._error
+
+    def stats(self) -> dict[str, Any]:
+        """Per-stage counters: forwards, rows, bytes, time in hooks, rings, writer."""
+        c = self._counters
+        elapsed = time.perf_counter() - c.started
+        out: dict[str, Any] = {
+            "forwards": c.forwards,
+            "forwards_dropped": c.forwards_dropped,
+            "rows": c.rows,
+            "bytes_captured": c.bytes_packed,
+            "hook_s": c.hook_s,
+            "elapsed_s": elapsed,
+            "capture_rate_bytes_per_s": c.bytes_packed / elapsed if elapsed > 0 else 0.0,
+        }
+        out.update(self.buffers.stats())
+        out.update({f"writer_{k}": v for k, v in self.writer.stats().items()})
+        return out
+
+
+def _itemsize(dtype_name: str) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+
+
+def _rows_view(data: np.ndarray, dtype_name: str, feature: tuple[int, ...]) -> Any:
+    """Row-major packed bytes as a tensor of the logical dtype, ``[rows, *feature]``."""
+    t = torch.from_numpy(data)
+    return t.view(getattr(torch, dtype_name)).reshape(-1, *feature) if t.numel() else \
+        torch.empty((0, *feature), dtype=getattr(torch, dtype_name))

@@ -1,0 +1,87 @@
+"""A capture session: one model, one store, one pipeline, built from a configuration.
+
+Stage: glue between the user-facing entry points (the seed's ``InstrumentationFramework``
+and the Lightning ``ActivationCapture`` callback) and the engine: it resolves hook points,
+opens the store writer, sizes the rings from ``max_memory_gb`` and picks the pack
+implementation, then hands back a :class:`CapturePipeline` attached to the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_llm_inst._version import __version__
+from lightning_llm_inst.buffer.ring_buffer import CaptureBuffers
+from lightning_llm_inst.capture.hooks import HookPoint, resolve_hook_points
+from lightning_llm_inst.capture.pipeline import CapturePipeline
+from lightning_llm_inst.capture.tokens import TokenSelector
+from lightning_llm_inst.config import InstrumentationConfig
+from lightning_llm_inst.store.writer import StoreWriter
+
+__all__ = ["model_device", "model_metadata", "open_pipeline", "pick_impl"]
+
+log = logging.getLogger(__name__)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def model_metadata(model: nn.Module) -> dict[str, Any]:
+    """Provenance of the model: class, name and config (when it is a transformers model)."""
+    meta: dict[str, Any] = {"class": type(model).__name__}
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        meta["name"] = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
+        try:
+            d = cfg.to_dict()
+            meta["config"] = {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
+        except Exception:  # noqa: BLE001 - provenance is best effort
+            pass
+    return meta
+
+
+def pick_impl(config: InstrumentationConfig, device: torch.device) -> str:
+    """The pack implementation for ``device``: the torch reference path."""
+    return "torch"
+
+
+def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: str | os.PathLike, *,
+                  hook_points: list[HookPoint] | None = None, mode: str = "create", rank: int | None = None,
+                  world_size: int = 1, metadata: dict[str, Any] | None = None) -> CapturePipeline:
+    """Build the pipeline for ``model`` writing to ``output_path`` and attach it."""
+    if hook_points is None:
+        hook_points = resolve_hook_points(model, config.hook_spec, config.layers)
+    device = model_device(model)
+    host_bytes, writer_bytes = config.memory_split()
+    meta = {
+        "library": "lightning-llm-inst",
+        "library_version": __version__,
+        "model": model_metadata(model),
+        "hook_spec": [hp.name for hp in hook_points],
+        "hook_modules": {hp.name: hp.module_name for hp in hook_points},
+        "capture_config": config.to_dict(),
+        **(metadata or {}),
+    }
+    writer = StoreWriter(output_path, codec=config.codec_spec, mode=mode, shard_size=config.shard_size,
+                         chunk_size=config.chunk_size, max_buffer_bytes=writer_bytes, num_workers=config.workers(),
+                         on_full="block", rank=rank, metadata=meta, fsync=config.fsync)
+    try:
+        buffers = CaptureBuffers(device, host_bytes, config.gpu_buffer_mb * 2**20 if device.type == "cuda" else 0)
+        selector = TokenSelector(config.drop_bos, config.drop_token_ids, config.position_window)
+        dtype = getattr(torch, config.storage_dtype) if config.storage_dtype else None
+        pipeline = CapturePipeline(writer, hook_points, selector, buffers, storage_dtype=dtype,
+                                   on_full=config.on_full, impl=pick_impl(config, device),
+                                   sequence_offset=rank or 0, sequence_stride=max(1, world_size))
+        pipeline.attach(model)
+    except BaseException:
+        writer.close()
+        raise
+    return pipeline

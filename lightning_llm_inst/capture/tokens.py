@@ -1,0 +1,114 @@
+"""Token selection: which positions of a forward pass become stored rows, and their metadata.
+
+Stage: the start of every captured forward pass. From ``input_ids`` and the attention mask
+(padding excluded), optional filters (BOS, special token ids, a position window) pick the
+rows; each row gets its token id, sequence id, true position and generation step, so every
+stored row maps back to its text. Hooks then gather these rows from each captured tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TokenSelection", "TokenSelector"]
+
+
+@dataclass
+class TokenSelection:
+    """The rows one forward pass contributes, in row-major ``[batch, seq]`` order."""
+
+    index: torch.Tensor
+    """``[rows]`` int64 flat indices into ``batch * seq``, on the activations' device."""
+    batch_size: int
+    seq_len: int
+    tokens: dict[str, torch.Tensor]
+    """Per-row metadata on the CPU: ``input_ids``, ``sequence_id``, ``position``, ``step``."""
+    all_rows: bool = False
+    """True when every position is kept (no gather needed)."""
+
+    @property
+    def rows(self) -> int:
+        return int(self.index.numel())
+
+
+class TokenSelector:
+    """Decide which token positions are stored.
+
+    Args:
+        drop_bos: skip the first real token of each sequence (position 0).
+        drop_token_ids: token ids never stored (e.g. the tokenizer's special tokens).
+        position_window: ``(start, stop)``: keep only positions ``start <= p < stop``
+            (``stop`` may be ``None``).
+    """
+
+    def __init__(self, drop_bos: bool = False, drop_token_ids: Iterable[int] = (),
+                 position_window: tuple[int, int | None] | None = None) -> None:
+        if not isinstance(drop_bos, bool):
+            raise ValueError(f"drop_bos must be True or False, got {drop_bos!r}")
+        ids = sorted({int(i) for i in drop_token_ids})
+        if any(i < 0 for i in ids):
+            raise ValueError(f"drop_token_ids must be non-negative token ids, got {ids}")
+        if position_window is not None:
+            if (not isinstance(position_window, (tuple, list)) or len(position_window) != 2
+                    or not isinstance(position_window[0], int)
+                    or not (position_window[1] is None or isinstance(position_window[1], int))
+                    or position_window[0] < 0
+                    or (position_window[1] is not None and position_window[1] <= position_window[0])):
+                raise ValueError(f"position_window must be (start, stop) with 0 <= start < stop (stop may be None), "
+                                 f"got {position_window!r}")
+            position_window = (int(position_window[0]), position_window[1])
+        self.drop_bos = drop_bos
+        self.drop_token_ids = ids
+        self.position_window = position_window
+
+    def select(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sequence_ids: torch.Tensor,
+               step: int = 0, device: torch.device | None = None) -> TokenSelection:
+        """Rows of one forward pass.
+
+        Args:
+            input_ids: ``[batch, seq]`` token ids of this pass (for a decode step, ``seq`` is 1).
+            attention_mask: ``[batch, past + seq]`` (as ``generate`` passes it) or ``[batch, seq]``;
+                ``None`` means no padding.
+            sequence_ids: ``[batch]`` id of each sequence (the same across decode steps).
+            step: generation step (0 for a prefill or a plain forward).
+            device: where the activations live (the index is built there).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        ids = input_ids.detach().to("cpu", torch.int64)
+        if attention_mask is None:
+            mask = torch.ones(b, t, dtype=torch.int64)
+        else:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < t:
+                raise ValueError(f"attention_mask must be [batch, >= seq] = [{b}, >= {t}], got "
+                                 f"{tuple(attention_mask.shape)}")
+            mask = attention_mask.detach().to("cpu", torch.int64)
+        # true position of each token: count of real tokens before it (left padding included)
+        position = (mask.cumsum(-1) - 1)[:, -t:]  # [b, t]
+        keep = mask[:, -t:].bool()  # [b, t]
+        if self.drop_bos:
+            keep &= position != 0
+        if self.drop_token_ids:
+            keep &= ~torch.isin(ids, torch.tensor(self.drop_token_ids, dtype=torch.int64))
+        if self.position_window is not None:
+            lo, hi = self.position_window
+            keep &= position >= lo
+            if hi is not None:
+                keep &= position < hi
+        flat = keep.reshape(-1)
+        index = flat.nonzero().squeeze(1)  # [rows]
+        seq = torch.as_tensor(sequence_ids, dtype=torch.int64).reshape(b, 1).expand(b, t).reshape(-1)
+        tokens = {
+            "input_ids": ids.reshape(-1)[index],
+            "sequence_id": seq[index],
+            "position": position.reshape(-1)[index],
+            "step": torch.full((index.numel(),), int(step), dtype=torch.int64),
+        }
+        all_rows = bool(flat.all())
+        if device is not None and torch.device(device).type != "cpu":
+            index = index.to(device, non_blocking=True)
+        return TokenSelection(index=index, batch_size=b, seq_len=t, tokens=tokens, all_rows=all_rows)

@@ -1,0 +1,100 @@
+"""The seed API: ``InstrumentationFramework``, a plain-PyTorch facade over the capture engine.
+
+Stage: user entry point without Lightning::
+
+    framework = InstrumentationFramework(InstrumentationConfig(granularity=HookGranularity.ALL))
+    model = framework.instrument_model(model)
+    with framework.capture_activations("acts"):
+        model(input_ids, attention_mask=mask)          # or model.generate(...)
+    report = framework.analyze_activations("acts")
+
+Inside the ``with`` block every forward pass of the model is captured (padding excluded);
+leaving it commits everything to the store, also when the block raises (complete forwards
+only). Outside the block the model runs with no hooks at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from lightning_llm_inst.capture.hooks import HookPoint, resolve_hook_points
+from lightning_llm_inst.capture.pipeline import BatchContext, CapturePipeline
+from lightning_llm_inst.capture.session import open_pipeline
+from lightning_llm_inst.config import InstrumentationConfig
+
+__all__ = ["InstrumentationFramework"]
+
+
+class InstrumentationFramework:
+    """Capture activations of a PyTorch / transformers model into an activation store."""
+
+    def __init__(self, config: InstrumentationConfig | None = None) -> None:
+        if config is None:
+            config = InstrumentationConfig()
+        if not isinstance(config, InstrumentationConfig):
+            raise TypeError(f"config must be an InstrumentationConfig, got {type(config).__name__}")
+        self.config = config
+        self.model: nn.Module | None = None
+        self.hook_points: list[HookPoint] = []
+        self.pipeline: CapturePipeline | None = None
+        self._last_stats: dict[str, Any] = {}
+
+    def instrument_model(self, model: nn.Module) -> nn.Module:
+        """Resolve the configured hook points on ``model`` and return it (unchanged: hooks are
+        only attached inside :meth:`capture_activations`). Raises if the spec matches nothing,
+        listing the module names that exist."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.hook_points = resolve_hook_points(model, self.config.hook_spec, self.config.layers)
+        self.model = model
+        return model
+
+    @contextlib.contextmanager
+    def capture_activations(self, output_path: str | os.PathLike, *, mode: str = "create",
+                            metadata: dict[str, Any] | None = None) -> Iterator[InstrumentationFramework]:
+        """Capture every forward pass of the instrumented model inside the block into the
+        store at ``output_path`` (``mode``: ``"create"``, ``"append"`` or ``"overwrite"``)."""
+        if self.model is None:
+            raise RuntimeError("call instrument_model(model) before capture_activations()")
+        if self.pipeline is not None:
+            raise RuntimeError("a capture is already running; captures of one framework cannot be nested")
+        self.pipeline = open_pipeline(self.model, self.config, output_path, hook_points=self.hook_points, mode=mode,
+                                      metadata=metadata)
+        try:
+            yield self
+        except BaseException:
+            self.pipeline.abort_forward()
+            self._finish()
+            raise
+        self._finish()
+
+    def _finish(self) -> None:
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is None:
+            return
+        try:
+            pipeline.close()
+        finally:
+            self._last_stats = pipeline.stats()
+
+    def set_batch_context(self, input_ids: Any, attention_mask: Any = None, sequence_ids: Any = None) -> None:
+        """Token ids / mask / sequence ids for forwards called without ``input_ids``."""
+        if self.pipeline is None:
+            raise RuntimeError("set_batch_context() works inside capture_activations()")
+        self.pipeline.set_context(BatchContext(input_ids, attention_mask, sequence_ids))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the running capture, or of the last one."""
+        return self.pipeline.stats() if self.pipeline is not None else dict(self._last_stats)
+
+    def analyze_activations(self, data_path: str | os.PathLike, top_k: int = 10) -> dict[str, Any]:
+        """Summary of a store: per hook point, rows, dtype, mean and norm statistics, and the
+        explained variance of the top principal directions."""
+        from lightning_llm_inst.analysis.summary import summarize_store
+
+        return summarize_store(data_path, top_k=top_k)
