@@ -128,8 +128,8 @@ class InstrumentationConfig:
             _fail("gpu_buffer_mb", self.gpu_buffer_mb, "use a positive integer")
         if self.position_window is not None:
             self.position_window = tuple(self.position_window)  # type: ignore[assignment]
-        if self.max_memory_gb * GB < 64 * 2**20:
-            _fail("max_memory_gb", self.max_memory_gb, "use at least 0.064 (64 MB)")
+        if self.max_memory_gb * GB < 16 * 2**20:
+            _fail("max_memory_gb", self.max_memory_gb, "use at least 0.017 (16 MiB)")
 
     # ------------------------------------------------------------------ derived
     @property

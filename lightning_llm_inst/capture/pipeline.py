@@ -104,6 +104,8 @@ class CapturePipeline:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._closed = False
+        self.enabled = True
+        """False: forwards run uncaptured (e.g. batches a resumed run already stored)."""
         self._drain = threading.Thread(target=self._drain_loop, name="llm-inst-drain", daemon=True)
         self._drain.start()
 
@@ -141,6 +143,8 @@ class CapturePipeline:
         if self._forward is not None:  # the previous forward raised before its end hook
             self.abort_forward()
         self._raise_if_failed()
+        if not self.enabled:
+            return
         input_ids = kwargs.get("input_ids")
         if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             input_ids = args[0]

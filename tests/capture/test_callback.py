@@ -1,0 +1,202 @@
+"""ActivationCapture in Lightning loops: DDP, exceptions, resume, memory bound, logging."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_llm_inst.capture.callback import ActivationCapture
+from lightning_llm_inst.config import InstrumentationConfig
+from lightning_llm_inst.framework import InstrumentationFramework
+from lightning_llm_inst.store import ActivationStore
+from lightning_llm_inst.store import shard as shard_mod
+from tests.capture.lightning_job import LM, samples, tiny_llama
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _trainer(cb, **kw):
+    return L.Trainer(accelerator="cpu", devices=1, callbacks=[cb], logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, **kw)
+
+
+def _expected_rows(n: int, seq: int = 12) -> int:
+    return sum(seq - (i % 4) for i in range(n))
+
+
+def _our_hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_predict_capture_stores_every_token_once_with_its_metadata(tmp_path):
+    cb = ActivationCapture(tmp_path / "acts", granularity="residual", stages=["predict"])
+    lm = LM()
+    before = _our_hooks(lm)
+    data = samples(7)
+    _trainer(cb).predict(lm, DataLoader(data, batch_size=3), return_predictions=False)
+    assert _our_hooks(lm) == before
+    store = ActivationStore(tmp_path / "acts" / "predict")
+    assert store.rows == _expected_rows(7) and store.verify().ok
+    seq = store.tokens["sequence_id"][:]
+    assert torch.bincount(seq).tolist() == [12 - (i % 4) for i in range(7)]
+    ids = torch.cat([d["input_ids"][d["attention_mask"].bool()] for d in data])
+    assert torch.equal(store.tokens["input_ids"][:], ids)
+    assert store.metadata["stage"] == "predict" and store.metadata["model"]["class"] == "LlamaForCausalLM"
+    stats = cb.stats()
+    assert stats["rows"] == store.rows and stats["writer_rows_committed"] == store.rows
+
+
+def test_ddp_two_processes_write_per_rank_shards_and_one_merged_manifest(tmp_path):
+    out = tmp_path / "acts"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "tests/capture/lightning_job.py"), str(out), "--devices", "2",
+                           "--samples", "11"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = out / "predict"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["rank0", "rank1"]
+    assert list((root / "rank0").glob("shard-*.h5")) and list((root / "rank1").glob("shard-*.h5"))
+    store = ActivationStore(root)
+    assert store.manifest["ranks"] == ["rank0", "rank1"]
+    assert {s["file"].split("/")[0] for s in store.manifest["shards"]} == {"rank0", "rank1"}
+    seq = store.tokens["sequence_id"][:]
+    assert torch.bincount(seq).tolist() == [12 - (i % 4) for i in range(11)]  # every sample exactly once
+    assert store.rows == _expected_rows(11) and store.verify().ok
+
+
+def test_exception_mid_run_keeps_complete_batches_and_removes_hooks(tmp_path):
+    cb = ActivationCapture(tmp_path / "acts", granularity="residual")
+    lm = LM(fail_at=3)
+    before = _our_hooks(lm)
+    with pytest.raises(RuntimeError, match="predict_step failed on purpose"):
+        _trainer(cb).predict(lm, DataLoader(samples(12), batch_size=2), return_predictions=False)
+    assert _our_hooks(lm) == before + 1  # only the test's own failing hook is left
+    store = ActivationStore(tmp_path / "acts" / "predict")
+    assert store.verify().ok
+    assert torch.unique(store.tokens["sequence_id"][:]).tolist() == [0, 1, 2, 3, 4, 5]
+    assert store.rows == _expected_rows(6)
+
+
+def test_sanity_check_is_skipped_and_validation_appends_each_epoch(tmp_path):
+    class FitLM(LM):
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch["input_ids"]).logits.float().mean() * 0
+
+        def validation_step(self, batch, batch_idx):
+            self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    cb = ActivationCapture(tmp_path / "acts", granularity="residual", stages=["validate"])
+    data = samples(4)
+    _trainer(cb, max_epochs=2, num_sanity_val_steps=2).fit(FitLM(), DataLoader(data, batch_size=2),
+                                                              DataLoader(data, batch_size=2))
+    store = ActivationStore(tmp_path / "acts" / "validate")
+    assert store.rows == 2 * _expected_rows(4)  # two epochs, no sanity-check rows
+    assert not (tmp_path / "acts" / "fit").exists()
+
+
+def test_state_dict_resume_skips_batches_already_stored(tmp_path):
+    data = samples(8)
+    first = ActivationCapture(tmp_path / "acts", granularity="residual")
+    # a run that stored the first two batches, then stopped
+    _trainer(first, limit_predict_batches=2).predict(LM(), DataLoader(data, batch_size=2), return_predictions=False)
+    state = first.state_dict()
+    assert state["batches_done"] == {"predict": {0: 2}}
+    resumed = ActivationCapture(tmp_path / "acts", granularity="residual")
+    resumed.load_state_dict(state)
+    _trainer(resumed).predict(LM(), DataLoader(data, batch_size=2), return_predictions=False)
+    store = ActivationStore(tmp_path / "acts" / "predict")
+    assert torch.bincount(store.tokens["sequence_id"][:]).tolist() == [12 - (i % 4) for i in range(8)]
+
+
+def test_counters_go_to_the_trainers_logger(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = ActivationCapture(tmp_path / "acts", granularity="residual", log_every_n_batches=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, callbacks=[cb], logger=CSVLogger(tmp_path / "logs"),
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.predict(LM(), DataLoader(samples(8), batch_size=2), return_predictions=False)
+    text = next((tmp_path / "logs").rglob("metrics.csv")).read_text()
+    for name in ("capture/rows", "capture/writer_compression_ratio", "capture/writer_time_blocked_s",
+                 "capture/forwards_dropped"):
+        assert name in text
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"stages": ["train"]}, "stages=['train'] is not valid; choose from: fit, validate, test, predict"),
+    ({"granularity": "everything"}, "granularity='everything' is not valid"),
+    ({"compression": "gzip"}, "compression_algorithm='gzip' is not valid; choose one of: 'lz4', 'zstd', None"),
+    ({"on_full": "wait"}, "on_full='wait' is not valid"),
+])
+def test_bad_callback_arguments(tmp_path, kwargs, needle):
+    with pytest.raises(ValueError) as err:
+        ActivationCapture(tmp_path, **kwargs)
+    assert needle in str(err.value)
+
+
+def test_memory_stays_bounded_with_a_slow_writer_and_blocking_stops_once_it_catches_up(tmp_path, monkeypatch):
+    real = shard_mod.OpenShard.write_chunk
+    slow = {"on": True}
+
+    def write_chunk(self, *a, **k):
+        if slow["on"]:
+            time.sleep(0.04)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(shard_mod.OpenShard, "write_chunk", write_chunk)
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 256, (8, 128))
+    cfg = InstrumentationConfig(max_memory_gb=0.06, compression_algorithm=None, num_workers=1)
+    fw = InstrumentationFramework(cfg)
+    fw.instrument_model(model)
+
+    def rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.002)
+
+    with torch.no_grad(), fw.capture_activations(tmp_path / "acts"):
+        model(ids)  # warm up: allocator, schema
+        base = rss()
+        t = threading.Thread(target=sample)
+        t.start()
+        try:
+            for _ in range(10):  # 12 hook points x 1 MiB = 12 MiB a forward, 120 MiB in all: twice the bound
+                model(ids)
+        finally:
+            stop.set()
+            t.join()
+        blocked = fw.stats()["host_pool_wait_s"] + fw.stats()["writer_time_blocked_s"]
+        assert blocked > 0  # the slow writer did hold the model back
+        slow["on"] = False
+        fw.pipeline.flush()  # the writer catches up
+        waited = fw.stats()["host_pool_wait_s"]
+        for _ in range(2):  # 24 MiB fit in the pool and the fast writer's buffers
+            model(ids)
+        fw.pipeline.flush()
+        assert fw.stats()["host_pool_wait_s"] == waited  # no more waiting
+    growth = peak[0] - base
+    assert growth < 0.06e9 + 64 * 2**20, f"RSS grew {growth / 2**20:.0f} MiB"
+    store = ActivationStore(tmp_path / "acts")
+    assert store.rows == 13 * 8 * 128 and store.dropped["batches"] == 0
