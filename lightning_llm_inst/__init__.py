@@ -12,6 +12,14 @@ from typing import Any
 from lightning_llm_inst._version import __version__
 
 _EXPORTS = {
+    "ActivationCapture": "lightning_llm_inst.capture.callback",
+    "HookGranularity": "lightning_llm_inst.config",
+    "InstrumentationConfig": "lightning_llm_inst.config",
+    "InstrumentationFramework": "lightning_llm_inst.framework",
+    "CausalLM": "lightning_llm_inst.lm",
+    "TextDataModule": "lightning_llm_inst.lm",
+    "resolve_hook_points": "lightning_llm_inst.capture.hooks",
+    "summarize_store": "lightning_llm_inst.analysis.summary",
     "ActivationStore": "lightning_llm_inst.store",
     "ChunkShuffleBatchSampler": "lightning_llm_inst.store",
     "Codec": "lightning_llm_inst.store",

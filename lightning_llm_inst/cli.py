@@ -1,7 +1,8 @@
 """The ``llm-inst`` command line.
 
 Stage: the user's shell. ``llm-inst info PATH`` prints what a store holds; ``llm-inst verify
-PATH`` reads every committed shard and exits 0 only if all of them check out.
+PATH`` reads every committed shard and exits 0 only if all of them check out; ``llm-inst
+lightning SUBCOMMAND --config FILE`` runs a Lightning loop (capture) from a YAML file.
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_lightning(args: argparse.Namespace) -> int:
+    from lightning_llm_inst.lightning_cli import main as lightning_main
+
+    lightning_main(args.args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lightning_llm_inst import __version__
 
@@ -108,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("path", help="store directory (holds manifest.json)")
     ver.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ver.set_defaults(func=cmd_verify)
+    lt = sub.add_parser("lightning", help="run a Lightning loop from a YAML config (LightningCLI), e.g. "
+                        "`llm-inst lightning predict --config configs/capture_tiny.yaml`", add_help=False)
+    lt.add_argument("args", nargs=argparse.REMAINDER)
+    lt.set_defaults(func=cmd_lightning)
     return p
 
 

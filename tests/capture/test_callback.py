@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _trainer(cb, **kw):
     return L.Trainer(accelerator="cpu", devices=1, callbacks=[cb], logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, **kw)
+                     enable_model_summary=False, enable_checkpointing=False, default_root_dir=cb.output_path, **kw)
 
 
 def _expected_rows(n: int, seq: int = 12) -> int:
