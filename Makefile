@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) examples/store_demo.py
+	$(PY) examples/capture_smollm2.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/store_write.py

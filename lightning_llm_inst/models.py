@@ -101,6 +101,11 @@ def _load_smollm2_model(dtype: torch.dtype, device: str) -> Any:
     return model
 
 
+def load_smollm2_tokenizer() -> Any:
+    """The SmolLM2 tokenizer alone (no model load); shared and cached, pads on the left."""
+    return _load_smollm2_tokenizer()
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """``(model, tokenizer)`` for SmolLM2-135M-Instruct, loaded offline from the GGUF file.
 
