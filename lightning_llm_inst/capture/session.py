@@ -53,6 +53,23 @@ def pick_impl(config: InstrumentationConfig, device: torch.device) -> str:
     return "torch"
 
 
+def _next_sequence_id(path: str | os.PathLike) -> int:
+    """One past the largest ``sequence_id`` already in the store (0 if none): an appended
+    capture continues the numbering so every id still names one text."""
+    from lightning_llm_inst.store.format import StoreError
+    from lightning_llm_inst.store.reader import ActivationStore
+
+    try:
+        store = ActivationStore(path)
+    except StoreError:
+        return 0
+    with store:
+        if not store.rows or "sequence_id" not in store.token_fields:
+            return 0
+        top = max(int(block.max()) for block in store.tokens["sequence_id"].iter_chunks(1 << 20))
+    return top + 1
+
+
 def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: str | os.PathLike, *,
                   hook_points: list[HookPoint] | None = None, mode: str = "create", rank: int | None = None,
                   world_size: int = 1, metadata: dict[str, Any] | None = None) -> CapturePipeline:
@@ -70,6 +87,7 @@ def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: 
         "capture_config": config.to_dict(),
         **(metadata or {}),
     }
+    first_sequence = _next_sequence_id(output_path) if mode == "append" else 0
     writer = StoreWriter(output_path, codec=config.codec_spec, mode=mode, shard_size=config.shard_size,
                          chunk_size=config.chunk_size, max_buffer_bytes=writer_bytes, num_workers=config.workers(),
                          on_full="block", rank=rank, metadata=meta, fsync=config.fsync)
@@ -79,7 +97,7 @@ def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: 
         dtype = getattr(torch, config.storage_dtype) if config.storage_dtype else None
         pipeline = CapturePipeline(writer, hook_points, selector, buffers, storage_dtype=dtype,
                                    on_full=config.on_full, impl=pick_impl(config, device),
-                                   sequence_offset=rank or 0, sequence_stride=max(1, world_size))
+                                   sequence_offset=first_sequence + (rank or 0), sequence_stride=max(1, world_size))
         pipeline.attach(model)
     except BaseException:
         writer.close()
