@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["ByteRing", "CaptureBuffers", "Slice"]
+__all__ = ["ALIGN", "ByteRing", "CaptureBuffers", "Slice"]
+
+ALIGN = 256  # slice offsets: aligned for vector loads and stores
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ class ByteRing:
         self._head = 0  # next free byte
         self.used = 0
         self.peak = 0
-        self.waited_s = 0.0
+        self._waited_s = 0.0
+        self._waiting_since: float | None = None
         self._cond = threading.Condition()
         self._failed: BaseException | None = None
 
@@ -67,28 +70,38 @@ class ByteRing:
         return None
 
     def alloc(self, nbytes: int, block: bool = True) -> Slice | None:
-        """Take ``nbytes``; wait for frees if ``block`` else return None when full."""
+        """Take ``nbytes`` (at a 256-byte aligned offset); wait for frees if ``block`` else
+        return None when full."""
+        want = nbytes
+        nbytes = -(-nbytes // ALIGN) * ALIGN
         if nbytes > self.capacity:
-            raise ValueError(f"{self.name}: {nbytes} bytes asked of a ring of {self.capacity}")
+            raise ValueError(f"{self.name}: {want} bytes asked of a ring of {self.capacity}")
         with self._cond:
             place = self._place(nbytes)
             if place is None and block:
-                t0 = time.perf_counter()
+                self._waiting_since = t0 = time.perf_counter()
                 while place is None and self._failed is None:
                     self._cond.wait(timeout=1.0)
                     place = self._place(nbytes)
-                self.waited_s += time.perf_counter() - t0
+                self._waited_s += time.perf_counter() - t0
+                self._waiting_since = None
             if self._failed is not None:
                 raise self._failed
             if place is None:
                 return None
             offset, charged = place
-            s = Slice(self, offset, nbytes, charged)
+            s = Slice(self, offset, want, charged)
             self._live.append(s)
-            self._head = offset + nbytes
+            self._head = offset + nbytes  # aligned: every offset stays a multiple of ALIGN
             self.used += charged
             self.peak = max(self.peak, self.used)
             return s
+
+    @property
+    def waited_s(self) -> float:
+        """Seconds producers have waited for room, including a wait in progress."""
+        since = self._waiting_since
+        return self._waited_s + (time.perf_counter() - since if since is not None else 0.0)
 
     def free(self, s: Slice) -> None:
         with self._cond:

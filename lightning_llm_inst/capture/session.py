@@ -49,8 +49,17 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
 
 
 def pick_impl(config: InstrumentationConfig, device: torch.device) -> str:
-    """The pack implementation for ``device``: the torch reference path."""
-    return "torch"
+    """The pack implementation: ``"cuda"`` on a GPU when the extension builds (``buffer_impl``
+    ``"auto"`` or ``"cuda"``; ``LLM_INST_PACK_IMPL`` overrides), else ``"torch"`` -- with a
+    warning when ``"cuda"`` was asked for and cannot be had."""
+    impl = os.environ.get("LLM_INST_PACK_IMPL", config.buffer_impl)
+    if impl not in ("auto", "cuda", "torch"):
+        raise ValueError(f"LLM_INST_PACK_IMPL={impl!r} is not valid; choose one of: auto, cuda, torch")
+    if device.type != "cuda" or impl == "torch":
+        return "torch"
+    from lightning_llm_inst.buffer import _backend
+
+    return "cuda" if _backend.cuda_available(warn=impl == "cuda") else "torch"
 
 
 def _next_sequence_id(path: str | os.PathLike) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 
 from lightning_llm_inst.store.format import ACTIVATION_DTYPES, ACTIVATIONS
 
-__all__ = ["ByteBudget", "Column", "as_numpy", "check_name"]
+__all__ = ["BufferPool", "ByteBudget", "Column", "as_numpy", "check_name"]
 
 
 def as_numpy(value: Any, what: str, allowed: Mapping[str, str]) -> tuple[np.ndarray, str]:
@@ -63,7 +63,8 @@ class ByteBudget:
         self.limit = limit
         self.held = 0
         self.peak = 0
-        self.blocked_s = 0.0
+        self._blocked_s = 0.0
+        self._blocked_since: float | None = None
         self._cond = threading.Condition()
         self._failed = False
 
@@ -71,11 +72,18 @@ class ByteBudget:
         """Take ``n`` bytes, waiting while that would pass ``ceiling`` and others hold some."""
         with self._cond:
             if self.held + n > ceiling and self.held > 0 and not self._failed:
-                t0 = time.perf_counter()
+                self._blocked_since = t0 = time.perf_counter()
                 while self.held + n > ceiling and self.held > 0 and not self._failed:
                     self._cond.wait()
-                self.blocked_s += time.perf_counter() - t0
+                self._blocked_s += time.perf_counter() - t0
+                self._blocked_since = None
             self._take(n)
+
+    @property
+    def blocked_s(self) -> float:
+        """Seconds the producer has waited for room, including a wait in progress."""
+        since = self._blocked_since
+        return self._blocked_s + (time.perf_counter() - since if since is not None else 0.0)
 
     def fits(self, n: int, ceiling: int) -> bool:
         with self._cond:
@@ -101,6 +109,36 @@ class ByteBudget:
         with self._cond:
             self._failed = True
             self._cond.notify_all()
+
+
+class BufferPool:
+    """Chunk buffers kept for reuse (fresh pages cost more than the copy into them), up to
+    ``max_bytes`` in all; the writer keeps that much out of its budget for them."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._free: dict[tuple, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(buf: np.ndarray) -> tuple:
+        return buf.shape, buf.dtype.str
+
+    def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        with self._lock:
+            free = self._free.get((shape, np.dtype(dtype).str))
+            if free:
+                buf = free.pop()
+                self.bytes -= buf.nbytes
+                return buf
+        return np.empty(shape, dtype=dtype)
+
+    def put(self, buf: np.ndarray) -> None:
+        with self._lock:
+            if self.bytes + buf.nbytes <= self.max_bytes:
+                self._free.setdefault(self._key(buf), []).append(buf)
+                self.bytes += buf.nbytes
 
 
 @dataclass(eq=False)
@@ -148,10 +186,12 @@ class Column:
     def chunk_bytes(self) -> int:
         return self.chunk_rows * self.row_bytes
 
-    def new_buffer(self) -> np.ndarray:
+    def new_buffer(self, pool: BufferPool | None = None) -> np.ndarray:
         if self.planes:
-            return np.empty((self.storage.itemsize, self.chunk_rows * self.row_elems), dtype=np.uint8)
-        return np.empty((self.chunk_rows, *self.feature_shape), dtype=self.storage)
+            shape, dtype = (self.storage.itemsize, self.chunk_rows * self.row_elems), np.dtype(np.uint8)
+        else:
+            shape, dtype = (self.chunk_rows, *self.feature_shape), self.storage
+        return pool.get(shape, dtype) if pool is not None else np.empty(shape, dtype=dtype)
 
     def put(self, src: np.ndarray, src_planes: bool, pos: int, n: int) -> None:
         """Copy rows ``pos .. pos+n`` of ``src`` (rows, or byte planes) after the filled rows."""

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from lightning_llm_inst._version import __version__
-from lightning_llm_inst.store.chunking import ByteBudget, Column, as_numpy, check_name
+from lightning_llm_inst.store.chunking import BufferPool, ByteBudget, Column, as_numpy, check_name
 from lightning_llm_inst.store.codecs import Codec, make_codec
 from lightning_llm_inst.store.format import (
     ACTIVATION_DTYPES,
@@ -108,7 +108,7 @@ class StoreWriter:
 
     Args:
         path: store directory; created if missing.
-        codec: ``"zstd"`` (default, level 3), ``"zstd:N"``, ``"lz4"``, ``"none"``/``None``, or a
+        codec: ``"zstd"`` (default, level 1), ``"zstd:N"``, ``"lz4"``, ``"none"``/``None``, or a
             :class:`~lightning_llm_inst.store.codecs.Codec`.
         mode: ``"create"`` (fail if a store is there), ``"append"`` (resume an existing store,
             cleaning up what a killed writer left; create one if missing) or ``"overwrite"``.
@@ -176,6 +176,7 @@ class StoreWriter:
         self._ceiling = 0
         self._batch: _Batch | None = None
         self._budget = ByteBudget(self.max_buffer_bytes)
+        self._pool = BufferPool(min(64 * 2**20, self.max_buffer_bytes // 8))
         self._stats = _Stats()
         self._error: BaseException | None = None
         self._closed = False
@@ -189,7 +190,7 @@ class StoreWriter:
                 self._release_lock()
                 raise
 
-        self._pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="llm-inst-compress")
+        self._workers = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="llm-inst-compress")
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._commits: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._writer_loop, name="llm-inst-writer", daemon=True)
@@ -306,16 +307,19 @@ class StoreWriter:
                 c.chunk_rows = max(1, self.chunk_size // max(1, c.row_bytes))
         total_row = sum(c.row_bytes for c in cols) or 1
         self._rows_per_shard = rows_per_shard or max(1, self.shard_size // total_row)
+        if rows_per_shard is None:  # new columns: no chunk longer than a shard
+            for c in cols:
+                c.chunk_rows = min(c.chunk_rows, self._rows_per_shard)
         biggest = max(c.chunk_bytes for c in cols)
         reserve = self.num_workers * (biggest + biggest // 128 + 1024)  # raw + compressed while encoding
         # a pending and a kept (batch-start) chunk per column, one more to make progress, the workers
-        need = (2 * len(cols) + 1) * biggest + reserve
+        need = (2 * len(cols) + 1) * biggest + reserve + self._pool.max_bytes
         if need > self.max_buffer_bytes:
             raise ValueError(
                 f"max_buffer_bytes={self.max_buffer_bytes} is too small for {len(cols)} columns with chunks of up to "
                 f"{biggest} bytes and {self.num_workers} workers; it needs at least {need} bytes "
                 f"(or lower chunk_size / num_workers)")
-        self._ceiling = self.max_buffer_bytes - reserve
+        self._ceiling = self.max_buffer_bytes - reserve - self._pool.max_bytes
         self._columns = cols
         self._hooks = {c.name: c for c in cols if c.kind == ACTIVATIONS}
         self._tokens = {c.name: c for c in cols if c.kind == TOKENS}
@@ -392,6 +396,9 @@ class StoreWriter:
                              + ", ".join(f"{k}: {v}" for k, v in counts.items()))
         if self._columns is not None:
             self._check_known("hook point", set(acts), self._hooks)
+        else:  # everything is at hand: define the schema now, no staging copy
+            self._create_schema({n: (dt, tuple(int(x) for x in a.shape[1:]), False) for n, (a, dt) in acts.items()},
+                                toks)
         rows = next(iter(counts.values()))
         if not self._begin(rows, toks):
             self.end_batch()  # counts the drop
@@ -519,22 +526,27 @@ class StoreWriter:
         if self._shard_rows >= self._rows_per_shard:
             self._end_shard()
 
+    def _create_schema(self, hooks: dict[str, tuple[str, tuple[int, ...], bool]],
+                       toks: dict[str, tuple[np.ndarray, str]]) -> None:
+        cols = [Column(ACTIVATIONS, n, dt, shape, planes=self.codec.shuffle and planes)
+                for n, (dt, shape, planes) in hooks.items()]
+        cols += [Column(TOKENS, n, dt, ()) for n, (a, dt) in toks.items()]
+        self._set_columns(cols)
+        with self._manifest_lock:
+            self._manifest["rows_per_shard"] = self._rows_per_shard
+            self._describe_schema()
+
     def _first_batch_schema(self, b: _Batch) -> None:
         if not b.staged:
             self._batch = None
             raise ValueError("a batch needs at least one hook point; none was added")
-        cols = [Column(ACTIVATIONS, n, parts[0][1], parts[0][3], planes=self.codec.shuffle and parts[0][2])
-                for n, parts in b.staged.items()]
-        cols += [Column(TOKENS, n, dt, ()) for n, (a, dt) in b.tokens.items()]
         try:
-            self._set_columns(cols)
+            self._create_schema({n: (parts[0][1], parts[0][3], parts[0][2]) for n, parts in b.staged.items()},
+                                b.tokens)
         except ValueError:
             self._batch = None
             raise
-        with self._manifest_lock:
-            self._manifest["rows_per_shard"] = self._rows_per_shard
-            self._describe_schema()
-        for c in cols:
+        for c in self._columns:  # type: ignore[union-attr]
             c.mark_batch_start()
         for name, (arr, _) in b.tokens.items():
             self._feed(self._tokens[name], arr)
@@ -601,7 +613,7 @@ class StoreWriter:
                     self._raise_if_unusable()
                 else:
                     self._budget.force(c.chunk_bytes)
-                c.buf = c.new_buffer()
+                c.buf = c.new_buffer(self._pool)
                 c.filled = 0
             n = min(c.chunk_rows - c.filled, n_rows - pos)
             c.put(arr, planes, pos, n)
@@ -619,10 +631,10 @@ class StoreWriter:
             c.keep = buf  # rows from before the batch: needed again if the batch is aborted
             self._budget.force(buf.nbytes)
         try:
-            fut = self._pool.submit(self._compress, buf, c.storage.itemsize, c.planes)
+            fut = self._workers.submit(self._compress, buf, c.storage.itemsize, c.planes, c.keep is not buf)
         except RuntimeError:  # the pool is shut at interpreter exit: compress here
             fut = Future()
-            fut.set_result(self._compress(buf, c.storage.itemsize, c.planes))
+            fut.set_result(self._compress(buf, c.storage.itemsize, c.planes, c.keep is not buf))
         self._queue.put(("chunk", c, c.chunk_index, valid, fut))
         c.buf, c.filled = None, 0
         c.chunk_index += 1
@@ -635,13 +647,20 @@ class StoreWriter:
         self._queue.put(("end", self._shard_rows))
         self._shard_rows = 0
 
-    def _compress(self, buf: np.ndarray, itemsize: int, shuffled: bool) -> tuple[bytes, int, float]:
+    def _compress(self, buf: np.ndarray, itemsize: int, shuffled: bool, recycle: bool) -> tuple[Any, int, float, Any]:
+        """Encode one chunk (worker thread). Returns the stored bytes, their CRC32, the time
+        taken and the buffer to recycle once the bytes are written (if they are the buffer)."""
         t0 = time.perf_counter()
         data = self.codec.encode(buf, itemsize, shuffled=shuffled)
         crc = zlib.crc32(data)
         self._budget.force(memoryview(data).nbytes)
         self._budget.release(buf.nbytes)
-        return data, crc, time.perf_counter() - t0
+        after_write = None
+        if isinstance(data, np.ndarray):  # uncompressed: the buffer itself is written
+            after_write = buf if recycle else None
+        elif recycle:
+            self._pool.put(buf)
+        return data, crc, time.perf_counter() - t0, after_write
 
     # ------------------------------------------------------------------ writer thread
     def _writer_loop(self) -> None:
@@ -664,7 +683,7 @@ class StoreWriter:
                     continue
                 if kind == "chunk":
                     _, col, chunk_index, valid, fut = item
-                    data, crc, dt = fut.result()
+                    data, crc, dt, after_write = fut.result()
                     self._stats.compress_s += dt
                     if shard is None:
                         shard = OpenShard(self.directory, index, self._columns, self.codec,  # type: ignore[arg-type]
@@ -673,6 +692,8 @@ class StoreWriter:
                     shard.write_chunk(col, chunk_index, valid, data, crc)
                     self._stats.write_s += time.perf_counter() - t0
                     self._budget.release(memoryview(data).nbytes)
+                    if after_write is not None:
+                        self._pool.put(after_write)
                 elif kind == "truncate":
                     if shard is not None:
                         shard.truncate(item[1], item[2])
@@ -696,7 +717,7 @@ class StoreWriter:
 
     def _discard(self, fut: Future) -> None:
         try:
-            data, _, _ = fut.result()
+            data, _, _, _ = fut.result()
         except BaseException:  # noqa: BLE001 - the first error is the one reported
             return
         self._budget.release(memoryview(data).nbytes)
@@ -816,7 +837,7 @@ class StoreWriter:
             self._queue.put(("stop",))
             self._thread.join()
             self._committer.join()
-            self._pool.shutdown(wait=True)
+            self._workers.shutdown(wait=True)
             self._release_lock()
             atexit.unregister(self._atexit)
         if self._error is not None:

@@ -144,13 +144,12 @@ def test_bad_callback_arguments(tmp_path, kwargs, needle):
     assert needle in str(err.value)
 
 
-def test_memory_stays_bounded_with_a_slow_writer_and_blocking_stops_once_it_catches_up(tmp_path, monkeypatch):
+def test_memory_stays_bounded_with_a_stalled_writer_and_blocking_stops_once_it_catches_up(tmp_path, monkeypatch):
     real = shard_mod.OpenShard.write_chunk
-    slow = {"on": True}
+    gate = threading.Event()  # closed: the disk does not take anything
 
     def write_chunk(self, *a, **k):
-        if slow["on"]:
-            time.sleep(0.04)
+        gate.wait()
         return real(self, *a, **k)
 
     monkeypatch.setattr(shard_mod.OpenShard, "write_chunk", write_chunk)
@@ -160,43 +159,52 @@ def test_memory_stays_bounded_with_a_slow_writer_and_blocking_stops_once_it_catc
     model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
     ids = torch.randint(0, 256, (8, 128))
-    cfg = InstrumentationConfig(max_memory_gb=0.06, compression_algorithm=None, num_workers=1)
-    fw = InstrumentationFramework(cfg)
+    fw = InstrumentationFramework(InstrumentationConfig(max_memory_gb=0.06, compression_algorithm=None,
+                                                        num_workers=1))
     fw.instrument_model(model)
 
     def rss() -> int:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    peak = [0]
-    stop = threading.Event()
+    done = [0]
+    errors: list[BaseException] = []
 
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.002)
-
-    with torch.no_grad(), fw.capture_activations(tmp_path / "acts"):
-        model(ids)  # warm up: allocator, schema
-        base = rss()
-        t = threading.Thread(target=sample)
-        t.start()
+    def run(n: int) -> None:
         try:
-            for _ in range(10):  # 12 hook points x 1 MiB = 12 MiB a forward, 120 MiB in all: twice the bound
-                model(ids)
+            with torch.no_grad():
+                for _ in range(n):  # 12 hook points x 1 MiB = 12 MiB a forward
+                    model(ids)
+                    done[0] += 1
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    with fw.capture_activations(tmp_path / "acts"):
+        try:
+            gate.set()
+            run(1)  # warm up: allocator, schema
+            gate.clear()
+            base = rss()
+            peak = base
+            t = threading.Thread(target=run, args=(10,))
+            t.start()
+            last, still = -1, 0
+            while still < 20 and t.is_alive():  # until no forward has finished for 1 s
+                time.sleep(0.05)
+                peak = max(peak, rss())
+                still = still + 1 if done[0] == last else 0
+                last = done[0]
+            assert t.is_alive() and done[0] < 1 + 10, done[0]  # the model is held back, not racing ahead
+            assert peak - base < 0.06e9 + 64 * 2**20, f"RSS grew {(peak - base) / 2**20:.0f} MiB"
+            assert fw.stats()["host_pool_wait_s"] + fw.stats()["writer_time_blocked_s"] > 0
         finally:
-            stop.set()
-            t.join()
-        blocked = fw.stats()["host_pool_wait_s"] + fw.stats()["writer_time_blocked_s"]
-        assert blocked > 0  # the slow writer did hold the model back
-        slow["on"] = False
-        fw.pipeline.flush()  # the writer catches up
-        waited = fw.stats()["host_pool_wait_s"]
-        for _ in range(2):  # 24 MiB fit in the pool and the fast writer's buffers
-            model(ids)
+            gate.set()  # the writer catches up
+        t.join(timeout=120)
+        assert not t.is_alive() and not errors
         fw.pipeline.flush()
-        assert fw.stats()["host_pool_wait_s"] == waited  # no more waiting
-    growth = peak[0] - base
-    assert growth < 0.06e9 + 64 * 2**20, f"RSS grew {growth / 2**20:.0f} MiB"
+        waited = fw.stats()["host_pool_wait_s"], fw.stats()["writer_time_blocked_s"]
+        run(2)  # 24 MiB fit in the pool and the writer's buffers: no waiting any more
+        fw.pipeline.flush()
+        assert (fw.stats()["host_pool_wait_s"], fw.stats()["writer_time_blocked_s"]) == waited
     store = ActivationStore(tmp_path / "acts")
     assert store.rows == 13 * 8 * 128 and store.dropped["batches"] == 0
