@@ -23,3 +23,13 @@ def make_batch(seed: int, rows: int, d: int = 48, dtype: torch.dtype = torch.bfl
 @pytest.fixture
 def batch_factory():
     return make_batch
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where CUDA is present (the GPU machine selects them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

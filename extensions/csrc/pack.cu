@@ -6,12 +6,14 @@
 // casts go through c10::Half / c10::BFloat16, exactly as torch's own CUDA casts do.
 
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -24,32 +26,17 @@ struct Bits<c10::Half> { using type = uint16_t; };
 template <>
 struct Bits<c10::BFloat16> { using type = uint16_t; };
 
+// The storage bits of ``v`` cast to Out: the same element gives the same bits as torch's
+// own CUDA cast (which goes through float for half <-> bfloat16).
 template <typename Out, typename In>
-__device__ __forceinline__ typename Bits<Out>::type convert(In v) {
-  Out o = static_cast<Out>(static_cast<float>(v));
+__device__ __forceinline__ typename Bits<Out>::type to_bits(In v) {
   typename Bits<Out>::type b;
-  memcpy(&b, &o, sizeof(b));
-  return b;
-}
-
-template <>
-__device__ __forceinline__ uint32_t convert<float, float>(float v) {
-  uint32_t b;
-  memcpy(&b, &v, sizeof(b));
-  return b;
-}
-
-template <>
-__device__ __forceinline__ uint16_t convert<c10::Half, c10::Half>(c10::Half v) {
-  uint16_t b;
-  memcpy(&b, &v, sizeof(b));
-  return b;
-}
-
-template <>
-__device__ __forceinline__ uint16_t convert<c10::BFloat16, c10::BFloat16>(c10::BFloat16 v) {
-  uint16_t b;
-  memcpy(&b, &v, sizeof(b));
+  if constexpr (std::is_same<In, Out>::value) {
+    memcpy(&b, &v, sizeof(b));
+  } else {
+    Out o = static_cast<Out>(static_cast<float>(v));
+    memcpy(&b, &o, sizeof(b));
+  }
   return b;
 }
 
@@ -72,7 +59,7 @@ __global__ void pack_vec_kernel(const In* __restrict__ x, const int64_t* __restr
     const In* src = x + src_row * s0 + c * s1;
     B v[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] = convert<Out, In>(src[k * s1]);
+    for (int k = 0; k < VEC; ++k) v[k] = to_bits<Out, In>(src[k * s1]);
     if (Shuffle) {
 #pragma unroll
       for (int b = 0; b < S; ++b) {
@@ -110,7 +97,7 @@ __global__ void pack_scalar_kernel(const In* __restrict__ x, const int64_t* __re
     const int64_t r = e / F;
     const int64_t c = e - r * F;
     const int64_t src_row = index ? index[r] : r;
-    B v = convert<Out, In>(x[src_row * s0 + c * s1]);
+    B v = to_bits<Out, In>(x[src_row * s0 + c * s1]);
 #pragma unroll
     for (int b = 0; b < S; ++b) {
       const uint8_t byte = (v >> (8 * b)) & 0xFF;
@@ -136,7 +123,8 @@ void launch(const torch::Tensor& x, const int64_t* index, int64_t rows, int64_t 
   const bool aligned = (reinterpret_cast<uintptr_t>(op) % 16 == 0);
   const bool vec = (F % VEC == 0) && aligned && (shuffle ? (n % 4 == 0) : true) && n > 1;
   const int64_t work = vec ? n / VEC : n;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
   const int blocks = (int)std::min<int64_t>((work + threads - 1) / threads, (int64_t)sms * 32);
   if (vec) {
     if (shuffle)
@@ -188,7 +176,7 @@ void pack_rows(torch::Tensor x, torch::Tensor index, bool has_index, int64_t out
     ip = index.data_ptr<int64_t>();
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   switch (x.scalar_type()) {
     case at::kFloat: dispatch_out<float>(x, ip, rows, F, out, shuffle, out_dtype, stream); break;
     case at::kHalf: dispatch_out<c10::Half>(x, ip, rows, F, out, shuffle, out_dtype, stream); break;

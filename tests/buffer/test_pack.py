@@ -1,0 +1,101 @@
+"""The pack step and the rings: bytes, order, alignment, waiting."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_llm_inst.buffer.pack import pack_rows_torch
+from lightning_llm_inst.buffer.ring_buffer import ALIGN, ByteRing
+from lightning_llm_inst.store.codecs import shuffle_bytes
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _reference(x: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype, shuffle: bool) -> bytes:
+    rows = x.reshape(x.shape[0], -1)
+    if index is not None:
+        rows = rows[index]
+    raw = rows.to(dtype).contiguous().view(torch.uint8).numpy()
+    return shuffle_bytes(raw, rows.to(dtype).element_size()).tobytes() if shuffle else raw.tobytes()
+
+
+@pytest.mark.parametrize("in_dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_pack_torch_bytes(in_dtype, out_dtype, shuffle):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 37, 45, generator=g) * 100).to(in_dtype).reshape(111, 45)
+    index = torch.tensor([0, 5, 6, 7, 50, 110])
+    itemsize = torch.empty((), dtype=out_dtype).element_size()
+    out = torch.empty(6 * 45 * itemsize, dtype=torch.uint8)
+    view = pack_rows_torch(x, index, out_dtype, out, shuffle)
+    assert out.numpy().tobytes() == _reference(x, index, out_dtype, shuffle)
+    assert view.shape == ((itemsize, 6 * 45) if shuffle else (6 * 45 * itemsize,))
+
+
+def test_pack_torch_noncontiguous_all_rows_and_empty():
+    x = torch.randn(64, 40).t()  # [40, 64], strided
+    out = torch.empty(40 * 64 * 2, dtype=torch.uint8)
+    pack_rows_torch(x, None, torch.bfloat16, out, True)
+    assert out.numpy().tobytes() == _reference(x.contiguous(), None, torch.bfloat16, True)
+    empty = torch.empty(0, dtype=torch.uint8)
+    pack_rows_torch(x, torch.empty(0, dtype=torch.long), torch.float16, empty, True)
+    with pytest.raises(ValueError, match="out must be uint8 with 10 bytes"):
+        pack_rows_torch(x[:1, :5], None, torch.float16, torch.empty(3, dtype=torch.uint8), False)
+
+
+def test_ring_is_fifo_aligned_and_wraps():
+    ring = ByteRing(torch.empty(4096, dtype=torch.uint8), "test ring")
+    a = ring.alloc(1000)
+    b = ring.alloc(1000)
+    c = ring.alloc(1500)
+    assert [s.offset % ALIGN for s in (a, b, c)] == [0, 0, 0]
+    assert ring.alloc(1000, block=False) is None  # 1024 + 1024 + 1536 used, 512 left
+    ring.free(a)
+    d = ring.alloc(1000)  # wraps to the start
+    assert d.offset == 0
+    with pytest.raises(RuntimeError, match="freed in the order"):
+        ring.free(c)
+    ring.free(b)
+    ring.free(c)
+    ring.free(d)
+    assert ring.used == 0
+    with pytest.raises(ValueError, match="5000 bytes asked of a ring of 4096"):
+        ring.alloc(5000)
+
+
+def test_ring_waits_for_room_and_counts_the_wait():
+    ring = ByteRing(torch.empty(1024, dtype=torch.uint8), "test ring")
+    first = ring.alloc(1024)
+    got = []
+    t = threading.Thread(target=lambda: got.append(ring.alloc(512)))
+    t.start()
+    time.sleep(0.1)
+    assert not got and ring.waited_s > 0.05  # a wait in progress counts
+    ring.free(first)
+    t.join(timeout=5)
+    assert got and got[0].offset == 0
+
+
+def test_ring_wakes_waiters_with_the_consumers_error():
+    ring = ByteRing(torch.empty(256, dtype=torch.uint8), "test ring")
+    ring.alloc(256)
+    errors = []
+
+    def wait():
+        try:
+            ring.alloc(256)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.05)
+    ring.fail(RuntimeError("disk full"))
+    t.join(timeout=5)
+    assert [str(e) for e in errors] == ["disk full"]
