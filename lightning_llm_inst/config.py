@@ -90,6 +90,8 @@ class InstrumentationConfig:
     """Pack step: ``"auto"`` (CUDA kernel when it builds, else torch), ``"cuda"`` or ``"torch"``."""
     gpu_buffer_mb: int = 512
     """Size of the GPU ring (CUDA only), in MiB."""
+    copy_threads: int | None = None
+    """Threads copying captured rows into the writer; ``None``: several on a GPU, one on a CPU."""
     fsync: bool = True
     """Make every shard durable before it is listed."""
 
@@ -124,6 +126,9 @@ class InstrumentationConfig:
         if self.num_workers is not None and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
                                              or self.num_workers < 1):
             _fail("num_workers", self.num_workers, "use a positive integer or None")
+        if self.copy_threads is not None and (isinstance(self.copy_threads, bool) or
+                                              not isinstance(self.copy_threads, int) or self.copy_threads < 1):
+            _fail("copy_threads", self.copy_threads, "use a positive integer or None")
         if isinstance(self.gpu_buffer_mb, bool) or not isinstance(self.gpu_buffer_mb, int) or self.gpu_buffer_mb < 1:
             _fail("gpu_buffer_mb", self.gpu_buffer_mb, "use a positive integer")
         if self.position_window is not None:

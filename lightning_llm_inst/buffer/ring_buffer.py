@@ -7,7 +7,8 @@ the drain thread waits on the "copied" event, frees the device slice, hands the 
 to the writer and frees the host slice. Nothing is allocated per batch and the compute
 stream never synchronises. On a CPU the same path runs with one host ring and no streams.
 
-Both rings are FIFO: slices are freed in the order they were taken.
+Both rings are FIFO: space comes back in the order it was taken (a slice freed early waits
+for the older ones).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class ByteRing:
         self.capacity = buffer.numel()
         self.name = name
         self._live: deque[Slice] = deque()
+        self._done: set[int] = set()  # ids of live slices already freed (out of order)
         self._head = 0  # next free byte
         self.used = 0
         self.peak = 0
@@ -104,11 +106,16 @@ class ByteRing:
         return self._waited_s + (time.perf_counter() - since if since is not None else 0.0)
 
     def free(self, s: Slice) -> None:
+        """Give ``s`` back. Space is reclaimed in FIFO order: a slice freed early is kept
+        until every older one is free too."""
         with self._cond:
-            if not self._live or self._live[0] is not s:
-                raise RuntimeError(f"{self.name}: slices must be freed in the order they were taken")
-            self._live.popleft()
-            self.used -= s.charged
+            if id(s) in self._done or not any(x is s for x in self._live):
+                raise RuntimeError(f"{self.name}: slice at {s.offset} is not live (freed twice?)")
+            self._done.add(id(s))
+            while self._live and id(self._live[0]) in self._done:
+                old = self._live.popleft()
+                self._done.discard(id(old))
+                self.used -= old.charged
             self._cond.notify_all()
 
     def fits(self, nbytes: int) -> bool:

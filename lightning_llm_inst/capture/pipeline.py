@@ -16,10 +16,12 @@ from the attention mask and count up ``step``.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +63,8 @@ class _Counters:
     forwards_dropped: int = 0
     rows: int = 0
     bytes_packed: int = 0
+    hook_calls: int = 0
+    slices: int = 0
     hook_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
 
@@ -78,11 +82,14 @@ class CapturePipeline:
         impl: pack implementation, ``"torch"`` or ``"cuda"``.
         sequence_offset, sequence_stride: sequence ids given to forwards without explicit ids
             are ``offset + k * stride`` (rank and world size under DDP keep them unique).
+        copy_threads: threads copying host slices into the writer (default: several on a GPU,
+            where a forward can yield tens of GB/s, one on a CPU).
     """
 
     def __init__(self, writer: StoreWriter, hook_points: list[HookPoint], selector: TokenSelector,
                  buffers: CaptureBuffers, *, storage_dtype: torch.dtype | None = None, on_full: str = "block",
-                 impl: str = "torch", sequence_offset: int = 0, sequence_stride: int = 1) -> None:
+                 impl: str = "torch", sequence_offset: int = 0, sequence_stride: int = 1,
+                 copy_threads: int | None = None) -> None:
         self.writer = writer
         self.hook_points = list(hook_points)
         self.selector = selector
@@ -106,6 +113,10 @@ class CapturePipeline:
         self._closed = False
         self.enabled = True
         """False: forwards run uncaptured (e.g. batches a resumed run already stored)."""
+        if copy_threads is None:
+            copy_threads = min(8, max(1, (os.cpu_count() or 1) // 2)) if buffers.cuda else 1
+        self._copies = ThreadPoolExecutor(copy_threads, thread_name_prefix="llm-inst-copy") if copy_threads > 1 \
+            else None
         self._drain = threading.Thread(target=self._drain_loop, name="llm-inst-drain", daemon=True)
         self._drain.start()
 
@@ -240,12 +251,14 @@ class CapturePipeline:
                     None if n == rows else torch.arange(a, a + n, device=flat.device))
                 self._pack_part(hp.name, flat, part_index, dtype, dtype_name, feature, n * row_elems * itemsize)
         fwd.fired[hp.name] = fwd.fired.get(hp.name, 0) + 1
+        self._counters.hook_calls += 1
         self._counters.bytes_packed += rows * row_elems * itemsize
         self._counters.hook_s += time.perf_counter() - t0
 
     def _pack_part(self, hook: str, flat: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype,
                    dtype_name: str, feature: tuple[int, ...], nbytes: int) -> None:
         bufs = self.buffers
+        self._counters.slices += 1
         host = bufs.host.alloc(nbytes) if nbytes else None
         if not bufs.cuda:
             out = host.view() if host is not None else torch.empty(0, dtype=torch.uint8)
@@ -292,7 +305,12 @@ class CapturePipeline:
 
     # ------------------------------------------------------------------ drain thread
     def _drain_loop(self) -> None:
+        """Replay the model thread's steps on the writer, in order. Copies of different hook
+        points into the writer run on ``copy_threads`` threads (parts of one hook point stay
+        in order); a batch ends only after all its copies are done."""
         w = self.writer
+        pending: list[Future] = []
+        last: dict[str, Future] = {}
         while True:
             cmd = self._commands.get()
             kind = cmd[0]
@@ -305,19 +323,22 @@ class CapturePipeline:
                         event.synchronize()
                     if dev is not None:
                         dev.ring.free(dev)
-                    if self._error is None:
-                        data = host.view().numpy() if host is not None else np.empty(0, np.uint8)
-                        if self.shuffle:
-                            w.add_packed(hook, data.reshape(_itemsize(dtype_name), -1), dtype_name, feature)
-                        else:
-                            w.add(hook, _rows_view(data, dtype_name, feature))
-                    if host is not None:
-                        host.ring.free(host)
-                elif self._error is not None:
+                    if self._copies is None or self._error is not None:
+                        self._copy(hook, host, dtype_name, feature, None)
+                    else:
+                        fut = self._copies.submit(self._copy, hook, host, dtype_name, feature, last.get(hook))
+                        last[hook] = fut
+                        pending.append(fut)
+                    continue
+                for fut in pending:  # any other step waits for the copies before it
+                    fut.result()
+                pending.clear()
+                last.clear()
+                if self._error is not None:
                     if kind == "sync":
                         cmd[1].set()
                     continue
-                elif kind == "begin":
+                if kind == "begin":
                     w.begin_batch(cmd[1], tokens=cmd[2])
                 elif kind == "end":
                     w.end_batch()
@@ -330,19 +351,48 @@ class CapturePipeline:
                         w.flush()
                     cmd[1].set()
             except BaseException as exc:  # noqa: BLE001 - raised in the model's thread
-                if self._error is None:
-                    self._error = exc
-                    self.buffers.fail(exc)
-                    log.error("activation capture failed: %s", exc)
+                self._fail(exc)
                 if kind == "add":
-                    for s in (cmd[3], cmd[4]):
-                        if s is not None:
+                    for sl in (cmd[3], cmd[4]):
+                        if sl is not None:
                             try:
-                                s.ring.free(s)
+                                sl.ring.free(sl)
                             except RuntimeError:
                                 pass
+                for fut in pending:
+                    try:
+                        fut.result()
+                    except BaseException:  # noqa: BLE001 - the first error is the one kept
+                        pass
+                pending.clear()
+                last.clear()
                 if kind == "sync":
                     cmd[1].set()
+
+    def _copy(self, hook: str, host: Slice | None, dtype_name: str, feature: tuple[int, ...],
+              after: Future | None) -> None:
+        """Hand one host slice to the writer (which copies it into chunk buffers), then free it."""
+        try:
+            if after is not None:
+                after.result()  # the previous part of this hook point first
+            if self._error is None:
+                data = host.view().numpy() if host is not None else np.empty(0, np.uint8)
+                if self.shuffle:
+                    self.writer.add_packed(hook, data.reshape(_itemsize(dtype_name), -1), dtype_name, feature)
+                else:
+                    self.writer.add(hook, _rows_view(data, dtype_name, feature))
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(exc)
+            raise
+        finally:
+            if host is not None:
+                host.ring.free(host)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+            self.buffers.fail(exc)
+            log.error("activation capture failed: %s", exc)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -367,6 +417,8 @@ class CapturePipeline:
         self._sync(flush=False)
         self._commands.put(("stop",))
         self._drain.join()
+        if self._copies is not None:
+            self._copies.shutdown(wait=True)
         try:
             self.writer.close()
         finally:
@@ -382,6 +434,8 @@ class CapturePipeline:
             "forwards_dropped": c.forwards_dropped,
             "rows": c.rows,
             "bytes_captured": c.bytes_packed,
+            "hook_calls": c.hook_calls,
+            "slices": c.slices,
             "hook_s": c.hook_s,
             "elapsed_s": elapsed,
             "capture_rate_bytes_per_s": c.bytes_packed / elapsed if elapsed > 0 else 0.0,

@@ -106,7 +106,8 @@ def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: 
         dtype = getattr(torch, config.storage_dtype) if config.storage_dtype else None
         pipeline = CapturePipeline(writer, hook_points, selector, buffers, storage_dtype=dtype,
                                    on_full=config.on_full, impl=pick_impl(config, device),
-                                   sequence_offset=first_sequence + (rank or 0), sequence_stride=max(1, world_size))
+                                   sequence_offset=first_sequence + (rank or 0), sequence_stride=max(1, world_size),
+                                   copy_threads=config.copy_threads)
         pipeline.attach(model)
     except BaseException:
         writer.close()
