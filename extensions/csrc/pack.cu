@@ -86,7 +86,8 @@ __global__ void pack_vec_kernel(const In* __restrict__ x, const int64_t* __restr
   }
 }
 
-// Any shape and alignment: one element per thread, byte stores.
+// Any shape: one element per thread. Row-major output is one word store per element (the
+// ring's slices are aligned); byte planes take one byte store per plane.
 template <typename In, typename Out, bool Shuffle>
 __global__ void pack_scalar_kernel(const In* __restrict__ x, const int64_t* __restrict__ index, int64_t rows,
                                    int64_t F, int64_t s0, int64_t s1, uint8_t* __restrict__ out) {
@@ -97,15 +98,12 @@ __global__ void pack_scalar_kernel(const In* __restrict__ x, const int64_t* __re
     const int64_t r = e / F;
     const int64_t c = e - r * F;
     const int64_t src_row = index ? index[r] : r;
-    B v = to_bits<Out, In>(x[src_row * s0 + c * s1]);
+    const B v = to_bits<Out, In>(x[src_row * s0 + c * s1]);
+    if (Shuffle) {
 #pragma unroll
-    for (int b = 0; b < S; ++b) {
-      const uint8_t byte = (v >> (8 * b)) & 0xFF;
-      if (Shuffle && n > 1) {
-        out[(int64_t)b * n + e] = byte;
-      } else {
-        out[e * S + b] = byte;
-      }
+      for (int b = 0; b < S; ++b) out[(int64_t)b * n + e] = static_cast<uint8_t>((v >> (8 * b)) & 0xFF);
+    } else {
+      reinterpret_cast<B*>(out)[e] = v;
     }
   }
 }
@@ -162,6 +160,7 @@ void pack_rows(torch::Tensor x, torch::Tensor index, bool has_index, int64_t out
   TORCH_CHECK(x.is_cuda() && out.is_cuda(), "pack: x and out must be CUDA tensors");
   TORCH_CHECK(x.dim() == 2, "pack: x must be [tokens, F], got ", x.dim(), " dims");
   TORCH_CHECK(out.scalar_type() == at::kByte && out.is_contiguous(), "pack: out must be contiguous uint8");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0, "pack: out must be 16-byte aligned");
   TORCH_CHECK(out_code >= 0 && out_code <= 2, "pack: out_code must be 0, 1 or 2");
   const at::ScalarType codes[3] = {at::kFloat, at::kHalf, at::kBFloat16};
   const auto out_dtype = codes[out_code];

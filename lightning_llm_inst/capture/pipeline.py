@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -107,6 +108,7 @@ class CapturePipeline:
         self._row_bytes: int | None = None  # bytes per selected row over all hook points
         self._handles: HookHandles | None = None
         self._root_handles: list[Any] = []
+        self._switch_interval: float | None = None
         self._counters = _Counters()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
@@ -126,6 +128,11 @@ class CapturePipeline:
         if self._handles is not None:
             raise RuntimeError("the pipeline is already attached to a model")
         self._handles = register_hooks(model, self.hook_points, self._on_hook)
+        if self.buffers.cuda:  # the model thread must not wait 5 ms for the GIL between launches
+            want = float(os.environ.get("LLM_INST_SWITCH_INTERVAL_S", "0.0005"))
+            self._switch_interval = sys.getswitchinterval()
+            if 0 < want < self._switch_interval:
+                sys.setswitchinterval(want)
         self._root_handles = [
             model.register_forward_pre_hook(self._on_root_start, with_kwargs=True),
             model.register_forward_hook(self._on_root_end),
@@ -141,6 +148,9 @@ class CapturePipeline:
         for h in self._root_handles:
             h.remove()
         self._root_handles = []
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
 
     @property
     def attached(self) -> bool:
