@@ -134,16 +134,8 @@ def parse_bytes(value: int | float | str, name: str) -> int:
     return int(n)
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename or create inside ``path`` durable."""
-    fd = os.open(os.fspath(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: str | os.PathLike) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """Make a file's contents, or a rename or create inside a directory, durable."""
     fd = os.open(os.fspath(path), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -168,7 +160,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         except OSError:
             pass
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:

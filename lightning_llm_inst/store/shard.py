@@ -18,7 +18,7 @@ import numpy as np
 
 from lightning_llm_inst.store.chunking import Column
 from lightning_llm_inst.store.codecs import Codec
-from lightning_llm_inst.store.format import TMP_SUFFIX, checksum_path, dataset_path, fsync_dir, fsync_file, shard_name
+from lightning_llm_inst.store.format import TMP_SUFFIX, checksum_path, dataset_path, fsync_path, shard_name
 
 __all__ = ["OpenShard"]
 
@@ -92,10 +92,10 @@ class OpenShard:
     def publish(self, fsync: bool) -> None:
         """Make the closed file durable and give it its final name (committer thread)."""
         if fsync:
-            fsync_file(self.tmp)
+            fsync_path(self.tmp)
         os.replace(self.tmp, self.final)
         if fsync:
-            fsync_dir(self.directory)
+            fsync_path(self.directory)
 
     def abort(self) -> None:
         """Close and delete the temporary file (after an error)."""

@@ -190,7 +190,7 @@ def test_disk_full_at_fsync_keeps_the_previous_manifest(tmp_path, monkeypatch, b
     def full(p):
         raise OSError(errno.ENOSPC, "No space left on device", str(p))
 
-    monkeypatch.setattr(shard_mod, "fsync_file", full)
+    monkeypatch.setattr(shard_mod, "fsync_path", full)
     w = StoreWriter(path, codec="lz4", mode="append")
     w.append(batch_factory(1, 100)["acts"])
     with pytest.raises(StoreWriteError, match="No space left on device"):
