@@ -50,3 +50,18 @@ def test_console_script_runs_as_a_module(tmp_path, batch_factory):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("OK:") and "256 rows" in proc.stdout, proc.stdout
+
+
+def test_lightning_cli_yaml_runs_a_capture(tmp_path):
+    """configs/capture_tiny.yaml: LightningCLI builds the model, data and ActivationCapture."""
+    from pathlib import Path
+
+    from lightning_llm_inst.store import ActivationStore
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "capture_tiny.yaml"
+    proc = subprocess.run([sys.executable, "-m", "lightning_llm_inst.cli", "lightning", "predict", "--config",
+                           str(config), "--trainer.enable_progress_bar=false"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = ActivationStore(tmp_path / "runs" / "tiny" / "predict")
+    assert len(store.hooks) == 6 and store.rows == 32 * 64 and store.verify().ok
