@@ -16,9 +16,9 @@ from typing import Any
 __all__ = ["HookGranularity", "InstrumentationConfig"]
 
 GB = 10**9
-#: single-core encode rates (GB/s of raw bf16 activations, shuffle included) used to size the
-#: worker pool; measured by benchmarks/store_write.py and easily beaten by a faster CPU
-CORE_RATES_GBPS = {None: 4.0, "none": 4.0, "lz4": 0.55, "zstd": 0.45}
+#: per-worker encode rates inside a running capture (GB/s of raw bf16 activations), used to
+#: size the worker pool; measured on the H100 host by benchmarks/capture.py
+CORE_RATES_GBPS = {None: 1.6, "none": 1.6, "lz4": 0.25, "zstd": 0.18}
 #: share of max_memory_gb given to the host pool (pinned on a GPU); the writer's buffers get the rest
 HOST_POOL_SHARE = 0.25
 

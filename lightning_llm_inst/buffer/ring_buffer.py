@@ -141,7 +141,7 @@ class CaptureBuffers:
     def __init__(self, device: torch.device | str, host_bytes: int, device_bytes: int = 0) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        pinned = self.cuda and torch.cuda.is_available()
+        pinned = self.pinned = self.cuda and torch.cuda.is_available()
         self.host = ByteRing(torch.empty(host_bytes, dtype=torch.uint8, pin_memory=pinned), "host pool")
         self.device_ring: ByteRing | None = None
         self.side_stream: Any = None
@@ -162,6 +162,17 @@ class CaptureBuffers:
             free = min(free, self.device_ring.capacity - self.device_ring.used)
         return free
 
+    def release(self) -> None:
+        """Give the pinned pool back to the system once the capture is over (the caching host
+        allocator would otherwise keep it resident)."""
+        self.host.buffer = torch.empty(0, dtype=torch.uint8)
+        if self.device_ring is not None:
+            self.device_ring.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)
+        if self.cuda:
+            empty = getattr(torch._C, "_host_emptyCache", None)
+            if empty is not None:
+                empty()
+
     def fail(self, exc: BaseException) -> None:
         self.host.fail(exc)
         if self.device_ring is not None:
@@ -169,7 +180,7 @@ class CaptureBuffers:
 
     def stats(self) -> dict[str, Any]:
         out = {"host_pool_bytes": self.host.capacity, "host_pool_peak_bytes": self.host.peak,
-               "host_pool_wait_s": self.host.waited_s, "host_pool_pinned": bool(self.host.buffer.is_pinned())}
+               "host_pool_wait_s": self.host.waited_s, "host_pool_pinned": self.pinned}
         if self.device_ring is not None:
             out.update(gpu_ring_bytes=self.device_ring.capacity, gpu_ring_peak_bytes=self.device_ring.peak,
                        gpu_ring_wait_s=self.device_ring.waited_s)

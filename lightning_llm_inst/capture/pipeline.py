@@ -432,6 +432,7 @@ class CapturePipeline:
         try:
             self.writer.close()
         finally:
+            self.buffers.release()
             if self._error is not None:
                 raise self._error
 
