@@ -1,6 +1,7 @@
 // Pack step on the GPU: gather the selected token rows of a captured tensor, cast them to the
 // storage dtype and write them into a ring slice, optionally as byte planes (HDF5 shuffle
-// order: byte b of every element in plane b) -- one pass over the data.
+// order: byte b of every element in plane b) -- one pass over the data. Rows whose width is a
+// multiple of 4 (every hidden size in practice); other widths take the torch path.
 //
 // Bytes must equal lightning_llm_inst/buffer/pack.py::pack_rows_torch on the same device:
 // casts go through c10::Half / c10::BFloat16, exactly as torch's own CUDA casts do.
@@ -86,28 +87,6 @@ __global__ void pack_vec_kernel(const In* __restrict__ x, const int64_t* __restr
   }
 }
 
-// Any shape: one element per thread. Row-major output is one word store per element (the
-// ring's slices are aligned); byte planes take one byte store per plane.
-template <typename In, typename Out, bool Shuffle>
-__global__ void pack_scalar_kernel(const In* __restrict__ x, const int64_t* __restrict__ index, int64_t rows,
-                                   int64_t F, int64_t s0, int64_t s1, uint8_t* __restrict__ out) {
-  using B = typename Bits<Out>::type;
-  constexpr int S = sizeof(B);
-  const int64_t n = rows * F;
-  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t r = e / F;
-    const int64_t c = e - r * F;
-    const int64_t src_row = index ? index[r] : r;
-    const B v = to_bits<Out, In>(x[src_row * s0 + c * s1]);
-    if (Shuffle) {
-#pragma unroll
-      for (int b = 0; b < S; ++b) out[(int64_t)b * n + e] = static_cast<uint8_t>((v >> (8 * b)) & 0xFF);
-    } else {
-      reinterpret_cast<B*>(out)[e] = v;
-    }
-  }
-}
-
 template <typename In, typename Out>
 void launch(const torch::Tensor& x, const int64_t* index, int64_t rows, int64_t F, torch::Tensor& out, bool shuffle,
             cudaStream_t stream) {
@@ -118,23 +97,14 @@ void launch(const torch::Tensor& x, const int64_t* index, int64_t rows, int64_t 
   const auto* xp = x.data_ptr<In>();
   auto* op = out.data_ptr<uint8_t>();
   constexpr int S = sizeof(typename Bits<Out>::type);
-  const bool aligned = (reinterpret_cast<uintptr_t>(op) % 16 == 0);
-  const bool vec = (F % VEC == 0) && aligned && (shuffle ? (n % 4 == 0) : true) && n > 1;
-  const int64_t work = vec ? n / VEC : n;
+  const int64_t work = n / VEC;
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
   const int blocks = (int)std::min<int64_t>((work + threads - 1) / threads, (int64_t)sms * 32);
-  if (vec) {
-    if (shuffle)
-      pack_vec_kernel<In, Out, true><<<blocks, threads, 0, stream>>>(xp, index, rows, F, s0, s1, op);
-    else
-      pack_vec_kernel<In, Out, false><<<blocks, threads, 0, stream>>>(xp, index, rows, F, s0, s1, op);
-  } else {
-    if (shuffle)
-      pack_scalar_kernel<In, Out, true><<<blocks, threads, 0, stream>>>(xp, index, rows, F, s0, s1, op);
-    else
-      pack_scalar_kernel<In, Out, false><<<blocks, threads, 0, stream>>>(xp, index, rows, F, s0, s1, op);
-  }
+  if (shuffle)
+    pack_vec_kernel<In, Out, true><<<blocks, threads, 0, stream>>>(xp, index, rows, F, s0, s1, op);
+  else
+    pack_vec_kernel<In, Out, false><<<blocks, threads, 0, stream>>>(xp, index, rows, F, s0, s1, op);
   (void)S;
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -166,6 +136,7 @@ void pack_rows(torch::Tensor x, torch::Tensor index, bool has_index, int64_t out
   const auto out_dtype = codes[out_code];
   const int64_t rows = has_index ? index.numel() : x.size(0);
   const int64_t F = x.size(1);
+  TORCH_CHECK(F % VEC == 0, "pack: the row width must be a multiple of ", VEC, ", got ", F);
   const int64_t need = rows * F * c10::elementSize(out_dtype);
   TORCH_CHECK(out.numel() == need, "pack: out has ", out.numel(), " bytes, needs ", need);
   const int64_t* ip = nullptr;

@@ -102,7 +102,8 @@ def pack_rows_cuda(x: torch.Tensor, index: torch.Tensor | None, dtype: torch.dty
     if dtype not in _OUT_CODES:
         raise ValueError(f"storage dtype must be float32, float16 or bfloat16, got {dtype}")
     rows2d = x.reshape(x.shape[0], -1) if x.dim() != 2 else x  # [tokens, F]
-    if rows2d.dtype not in _OUT_CODES or out.data_ptr() % 16:  # the kernel needs aligned output
+    if rows2d.dtype not in _OUT_CODES or out.data_ptr() % 16 or rows2d.shape[1] % 4:
+        # the kernel takes 4 elements a thread into aligned output; anything else: torch path
         from lightning_llm_inst.buffer.pack import pack_rows_torch
 
         return pack_rows_torch(x, index, dtype, out, shuffle)
