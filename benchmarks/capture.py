@@ -75,13 +75,11 @@ Lightning is never imported.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import torch
 
 from lightning_llm_inst.cli import main
 from lightning_llm_inst.store import StoreWriter

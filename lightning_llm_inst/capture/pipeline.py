@@ -21,7 +21,6 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +31,7 @@ from torch import nn
 
 from lightning_llm_inst.buffer.pack import pack_rows
 from lightning_llm_inst.buffer.ring_buffer import CaptureBuffers, Slice
-from lightning_llm_inst.capture.hooks import HookHandles, HookPoint, normalize_input, register_hooks
+from lightning_llm_inst.capture.hooks import HookHandles, HookPoint, register_hooks
 from lightning_llm_inst.capture.tokens import TokenSelection, TokenSelector
 from lightning_llm_inst.store.writer import StoreWriter
 

@@ -19,7 +19,7 @@ from lightning_llm_inst.config import InstrumentationConfig
 from lightning_llm_inst.framework import InstrumentationFramework
 from lightning_llm_inst.store import ActivationStore
 from lightning_llm_inst.store import shard as shard_mod
-from tests.capture.lightning_job import LM, samples, tiny_llama
+from tests.capture.lightning_job import LM, samples
 
 REPO = Path(__file__).resolve().parents[2]
 
