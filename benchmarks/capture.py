@@ -99,6 +99,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from disk import write_file  # noqa: E402  (benchmarks/disk.py: this script's folder is on sys.path)
 from lightning_llm_inst.buffer.pack import pack_rows  # noqa: E402
 from lightning_llm_inst.capture.hooks import resolve_layout  # noqa: E402
 from lightning_llm_inst.config import HookGranularity, InstrumentationConfig  # noqa: E402
@@ -362,34 +363,15 @@ def ceil_d2h(nbytes: int = GIB, reps: int = 3) -> dict[str, Any]:
             "bytes": nbytes}
 
 
-def _write_file(path: Path, nbytes: int, buf: memoryview, block: int, fsync: bool) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        left = nbytes
-        while left > 0:
-            mv = buf[: min(block, left)]
-            while mv:
-                n = os.write(fd, mv)
-                mv = mv[n:]
-                left -= n
-        t1 = time.perf_counter()
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    return t1 - t0, time.perf_counter() - t1
-
-
 def ceil_write(directory: Path, nbytes: int, fsync: bool, block: int = 16 * MIB) -> dict[str, Any]:
     """Sequential write of ``nbytes`` (16 MiB ``os.write`` calls) then fsync, after an untimed
     warm-up write of the same size (so page-cache memory is ready: the best case)."""
     buf = memoryview(np.random.default_rng(1).integers(0, 256, size=block, dtype=np.uint8).tobytes())
     warm = directory / "bench_warmup.bin"
-    _write_file(warm, nbytes, buf, block, fsync)
+    write_file(warm, nbytes, buf, block, fsync)
     warm.unlink()
     path = directory / "bench_write.bin"
-    w, f = _write_file(path, nbytes, buf, block, fsync)
+    w, f = write_file(path, nbytes, buf, block, fsync)
     path.unlink()
     return {"gbps": nbytes / (w + f) / GB, "write_s": w, "fsync_s": f, "bytes": nbytes, "fsync": fsync,
             "dir": str(directory), "fs": fs_of(directory)}

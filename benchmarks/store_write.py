@@ -61,6 +61,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
+from disk import write_file  # noqa: E402  (benchmarks/disk.py: this script's folder is on sys.path)
 from lightning_llm_inst.store import ActivationStore, StoreWriter, make_codec  # noqa: E402
 from lightning_llm_inst.store.codecs import shuffle_bytes  # noqa: E402
 from lightning_llm_inst.store.format import parse_bytes  # noqa: E402
@@ -323,21 +324,6 @@ class ThreadCPU:
 
 
 # ---------------------------------------------------------------------------- (a) disk
-def _write_file(path: Path, nbytes: int, buf: memoryview, block: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        left = nbytes
-        while left > 0:
-            mv = buf[: min(block, left)]
-            while mv:
-                n = os.write(fd, mv)
-                mv = mv[n:]
-                left -= n
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def disk_write(directory: Path, nbytes: int, block: int = 16 * MIB, warmup: bool = True) -> dict[str, float]:
     """Sequential write of ``nbytes`` then fsync: the best case the writer could reach.
 
@@ -349,25 +335,11 @@ def disk_write(directory: Path, nbytes: int, block: int = 16 * MIB, warmup: bool
     path = directory / "disk_write.bin"
     if warmup:
         warm = directory / "disk_warmup.bin"
-        _write_file(warm, nbytes, buf, block)
+        write_file(warm, nbytes, buf, block)
         warm.unlink()
-    t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        left = nbytes
-        while left > 0:
-            mv = buf[: min(block, left)]
-            while mv:
-                n = os.write(fd, mv)
-                mv = mv[n:]
-                left -= n
-        t1 = time.perf_counter()
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    t2 = time.perf_counter()
+    write_s, fsync_s = write_file(path, nbytes, buf, block)
     path.unlink()
-    return {"gbps": nbytes / (t2 - t0) / GB, "write_s": t1 - t0, "fsync_s": t2 - t1, "bytes": nbytes}
+    return {"gbps": nbytes / (write_s + fsync_s) / GB, "write_s": write_s, "fsync_s": fsync_s, "bytes": nbytes}
 
 
 # ---------------------------------------------------------------------------- (b) compression only
