@@ -17,7 +17,10 @@ Rows of the table:
    (diagnostic): the same loop while the capture's number of compression threads encode real
    activation chunks non-stop (CPU / GIL contention alone, no capture);
 2. ours, one residual layer (``hooks=["blocks.<L/2>.hook_resid_post"]``) to disk, zstd level 1;
-3. ours, all residual layers (``HookGranularity.RESIDUAL``) to a **RAM sink** -- two variants:
+3. ours, all residual layers (``HookGranularity.RESIDUAL``) to a **RAM sink**: the rows are
+   packed, copied into the pinned host pool and handed to a ``CountingSink`` (no compression, no
+   disk: ``capture_activations(sink=...)``), which counts and releases them. Two diagnostic
+   variants that keep the store writer (not run by default; ``--rows 3a,3b``):
    3a. "tmpfs": the ordinary store written into a tmpfs directory (``--shm-dir``, default
        ``/dev/shm``) with ``fsync=False``: everything runs (pack, device-to-host copy,
        compression, HDF5 writes) but the "disk" is memory;
@@ -104,6 +107,7 @@ from lightning_llm_inst.buffer.pack import pack_rows  # noqa: E402
 from lightning_llm_inst.capture.hooks import resolve_layout  # noqa: E402
 from lightning_llm_inst.config import HookGranularity, InstrumentationConfig  # noqa: E402
 from lightning_llm_inst.framework import InstrumentationFramework  # noqa: E402
+from lightning_llm_inst.capture.sink import CountingSink  # noqa: E402
 from lightning_llm_inst.store import shard as shard_module  # noqa: E402
 from lightning_llm_inst.store.codecs import make_codec, shuffle_bytes  # noqa: E402
 
@@ -114,7 +118,8 @@ T_START = time.perf_counter()
 DESIGN_TL = ("0.55 GB/s, 11 k tokens/s, 0.16x its own forward on this H100 (measured earlier) -- from DESIGN.md, "
              "NOT measured in this run")
 CREATED: list[Path] = []  # every row directory this run made
-ROW_KEYS = ["1", "1b", "1c", "2", "3a", "3b", "4", "5i", "5ii", "5iii", "6"]
+ROW_KEYS = ["1", "1b", "1c", "2", "3", "3a", "3b", "4", "5i", "5ii", "5iii", "6"]
+DEFAULT_ROWS = ["1", "2", "3", "4", "5i", "5ii", "5iii", "6"]
 
 
 def log(msg: str) -> None:
@@ -715,10 +720,11 @@ class Bench:
         try:
             with PeakRSS() as rss, torch.no_grad():
                 t_open = time.perf_counter()
-                with fw.capture_activations(store):
+                ram_sink = CountingSink() if sink == "ram" else None
+                with fw.capture_activations(None if ram_sink else store, sink=ram_sink):
                     open_s = time.perf_counter() - t_open
                     impl = fw.pipeline.impl  # type: ignore[union-attr]
-                    workers = fw.pipeline.writer.num_workers  # type: ignore[union-attr]
+                    workers = getattr(fw.pipeline.writer, "num_workers", 0)  # type: ignore[union-attr]
                     copies = getattr(fw.pipeline, "_copies", None)
                     copy_threads = getattr(copies, "_max_workers", 1) if copies is not None else 1
                     sync()
@@ -755,6 +761,10 @@ class Bench:
         steady = (n - half) * self.tokens_per_fwd / (t_loop - stamps[half - 1]) if half >= 1 and n >= 4 else None
         raw_act = st.get("bytes_captured", 0)
         w_raw, w_stored = st.get("writer_raw_bytes", 0), st.get("writer_stored_bytes", 0)
+        if sink == "ram":  # rows delivered to the sink
+            w_raw = w_stored = st.get("writer_bytes", 0)
+            st["writer_rows_committed"] = st.get("writer_rows")
+            st["writer_compression_ratio"] = 1.0
         tps = n * self.tokens_per_fwd / e2e if e2e > 0 else 0.0
         problems = []
         if error:
@@ -1063,6 +1073,11 @@ class Bench:
                     "disk", a.one_codec)))
             else:
                 self.notes.append(f"row 2 skipped: codec {a.one_codec} not installed")
+        if "3" in want:
+            plan.append(("3", lambda: self.run_ours(
+                "3", f"ours, all {self.L} resid_post -> RAM sink (pinned host memory, CountingSink; no compression, "
+                     f"no disk)", self.config(None, granularity=HookGranularity.RESIDUAL, fsync=False), self.work,
+                self.n_for(bytes_all, a.disk_target_gb * GB), "ram", None)))
         shm = self.shm_dir()
         if "3a" in want:
             if shm is None or not a.sink_codec_ok:
@@ -1140,7 +1155,7 @@ def rss_cell(r: dict[str, Any]) -> str:
 
 
 def row_order(key: str) -> tuple:
-    order = {"1": 0, "1b": 0.3, "1c": 0.6, "2": 1, "3a": 2, "3b": 3, "4-none": 4, "4-lz4": 5, "4-zstd": 6, "5i": 7, "5ii": 8, "5iii": 9}
+    order = {"1": 0, "1b": 0.3, "1c": 0.6, "2": 1, "3": 1.5, "3a": 2, "3b": 3, "4-none": 4, "4-lz4": 5, "4-zstd": 6, "5i": 7, "5ii": 8, "5iii": 9}
     return (order.get(key, 50), key)
 
 
@@ -1154,7 +1169,8 @@ def build_markdown(result: dict[str, Any]) -> str:
              f"{result['config']['max_memory_gb']}, target_throughput_gbps {result['config']['target_gbps']}, "
              f"gpu_buffer_mb {result['config']['gpu_buffer_mb']}, disk rows >= {result['config']['disk_target_gb']:.1f}"
              f" GB raw or {result['config']['max_seconds']:.0f} s of forwards. GB = 10^9 bytes.", "",
-             "**RAM sink** (rows 3a/3b): 3a writes the ordinary store into a tmpfs directory with `fsync=False` (every "
+             "**RAM sink** (row 3): rows packed on the GPU, copied into the pinned host pool and handed to a "
+             "`CountingSink` (`capture_activations(sink=...)`: no compression, no disk). Diagnostic rows 3a/3b: 3a writes the ordinary store into a tmpfs directory with `fsync=False` (every "
              "stage runs, the \"disk\" is memory); 3b monkeypatches `OpenShard.write_chunk` to drop the compressed "
              "bytes (counted; shard files hold metadata only), so only pack + D2H + compression (+ the drain "
              "thread's chunk copies) run. Tokens/s of \"ours\" rows are end-to-end: first forward to after "
@@ -1299,7 +1315,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codecs", default="none,lz4,zstd", help="codecs of row 4 (none, lz4, zstd, zstd:N)")
     p.add_argument("--one-codec", default="zstd", help="codec of row 2")
     p.add_argument("--sink-codec", default="zstd", help="codec of the RAM-sink rows 3a/3b")
-    p.add_argument("--rows", default="all", help=f"subset of rows: comma list of {','.join(ROW_KEYS)} (3 = 3a,3b; "
+    p.add_argument("--rows", default="all", help=f"subset of rows: comma list of {','.join(ROW_KEYS)} ("
                    f"5 = 5i,5ii,5iii); row 1 always runs")
     p.add_argument("--disk-target-gb", type=float, default=None,
                    help="raw GB of activations per disk / no-op row (default max(8, 2 x max-memory-gb); 0 with --quick)")
@@ -1331,9 +1347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not tok:
             continue
         if tok == "all":
-            want.update(ROW_KEYS)
-        elif tok == "3":
-            want.update(("3a", "3b"))
+            want.update(DEFAULT_ROWS)
         elif tok == "5":
             want.update(("5i", "5ii", "5iii"))
         elif tok in ROW_KEYS:

@@ -13,6 +13,8 @@ from lightning_llm_inst._version import __version__
 
 _EXPORTS = {
     "ActivationCapture": "lightning_llm_inst.capture.callback",
+    "ActivationSink": "lightning_llm_inst.capture.sink",
+    "CountingSink": "lightning_llm_inst.capture.sink",
     "HookGranularity": "lightning_llm_inst.config",
     "InstrumentationConfig": "lightning_llm_inst.config",
     "InstrumentationFramework": "lightning_llm_inst.framework",

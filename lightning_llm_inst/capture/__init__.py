@@ -11,8 +11,11 @@ from lightning_llm_inst.capture.hooks import (
     resolve_hook_points,
     resolve_layout,
 )
+from lightning_llm_inst.capture.sink import ActivationSink, CountingSink
 
 __all__ = [
+    "ActivationSink",
+    "CountingSink",
     "HookHandles",
     "HookPoint",
     "ModelLayout",

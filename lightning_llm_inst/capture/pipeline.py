@@ -23,6 +23,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -52,9 +53,12 @@ class BatchContext:
 
 @dataclass
 class _Forward:
-    sel: TokenSelection
+    sel: TokenSelection | None
     dropped: bool = False
+    begun: bool = False
     fired: dict[str, int] = field(default_factory=dict)
+    pending: Callable[[], TokenSelection] | None = None
+    """Selection still to be made (token ids on their way to the host), at the first hook."""
 
 
 @dataclass
@@ -194,8 +198,23 @@ class CapturePipeline:
                 self._next_sequence += self._sequence_stride * b
             self._last_sequence_ids = torch.as_tensor(seq_ids, dtype=torch.int64).reshape(-1).cpu()
         device = self._device_of(module)
-        sel = self.selector.select(input_ids, mask, self._last_sequence_ids, step=self._step, device=device)
-        self.begin_forward(sel)
+        seq_ids, step = self._last_sequence_ids, self._step
+        if input_ids.device.type == "cuda" or (mask is not None and mask.device.type == "cuda"):
+            # Copy the ids and mask to pinned memory behind the work already queued and make the
+            # selection at the first hook: the GPU then still has this forward's first layers to
+            # run while the host waits for the copy, instead of idling while it selects.
+            ids_h = _to_pinned(input_ids)
+            mask_h = _to_pinned(mask) if mask is not None else None
+            ready = torch.cuda.Event()
+            ready.record()
+
+            def pending() -> TokenSelection:
+                ready.synchronize()
+                return self.selector.select(ids_h, mask_h, seq_ids, step=step, device=device)
+
+            self._forward = _Forward(None, pending=pending)
+            return
+        self.begin_forward(self.selector.select(input_ids, mask, seq_ids, step=step, device=device))
 
     @staticmethod
     def _is_decode_step(kwargs: dict, input_ids: torch.Tensor) -> bool:
@@ -221,22 +240,35 @@ class CapturePipeline:
     def begin_forward(self, sel: TokenSelection) -> None:
         self._raise_if_failed()
         fwd = _Forward(sel)
-        rows = sel.rows
+        self._start(fwd)
+        self._forward = fwd
+
+    def _start(self, fwd: _Forward) -> None:
+        """Queue the writer's ``begin`` for a forward whose selection is known (or its drop)."""
+        if fwd.sel is None:
+            assert fwd.pending is not None
+            fwd.sel, fwd.pending = fwd.pending(), None
+        rows = fwd.sel.rows
         if self.on_full == "drop" and rows and self._row_bytes is not None:
             if rows * self._row_bytes > self.buffers.free_bytes():
                 fwd.dropped = True
                 self._counters.forwards_dropped += 1
                 self._commands.put(("dropped", rows))
-        if not fwd.dropped:
-            self._commands.put(("begin", rows, sel.tokens))
-        self._forward = fwd
+                return
+        self._commands.put(("begin", rows, fwd.sel.tokens))
+        fwd.begun = True
 
     def _on_hook(self, hp: HookPoint, x: torch.Tensor) -> None:
         fwd = self._forward
         if fwd is None or fwd.dropped:
             return
         t0 = time.perf_counter()
+        if fwd.sel is None:
+            self._start(fwd)
+            if fwd.dropped:
+                return
         sel = fwd.sel
+        assert sel is not None
         b, t = sel.batch_size, sel.seq_len
         if x.dim() >= 2 and x.shape[0] == b and x.shape[1] == t:
             flat = x.reshape(b * t, *x.shape[2:]) if x.dim() > 2 else x.reshape(b * t, 1)
@@ -291,8 +323,13 @@ class CapturePipeline:
     def end_forward(self) -> None:
         fwd = self._forward
         self._forward = None
-        if fwd is None or fwd.dropped:
+        if fwd is None:
             return
+        if fwd.sel is None:
+            self._start(fwd)
+        if fwd.dropped:
+            return
+        assert fwd.sel is not None
         missing = [hp.name for hp in self.hook_points if hp.name not in fwd.fired]
         if missing:
             self._commands.put(("abort",))
@@ -309,7 +346,7 @@ class CapturePipeline:
         """Forget the open forward (it raised): none of its rows are stored."""
         fwd = self._forward
         self._forward = None
-        if fwd is not None and not fwd.dropped:
+        if fwd is not None and fwd.begun:
             self._commands.put(("abort",))
 
     # ------------------------------------------------------------------ drain thread
@@ -453,6 +490,15 @@ class CapturePipeline:
         out.update(self.buffers.stats())
         out.update({f"writer_{k}": v for k, v in self.writer.stats().items()})
         return out
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of ``t``, queued on the current stream (no wait)."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t.detach(), non_blocking=True)
+    return host
 
 
 def _itemsize(dtype_name: str) -> int:

@@ -19,6 +19,7 @@ from lightning_llm_inst._version import __version__
 from lightning_llm_inst.buffer.ring_buffer import CaptureBuffers
 from lightning_llm_inst.capture.hooks import HookPoint, resolve_hook_points
 from lightning_llm_inst.capture.pipeline import CapturePipeline
+from lightning_llm_inst.capture.sink import ActivationSink
 from lightning_llm_inst.capture.tokens import TokenSelector
 from lightning_llm_inst.config import InstrumentationConfig
 from lightning_llm_inst.store.writer import StoreWriter
@@ -79,10 +80,17 @@ def _next_sequence_id(path: str | os.PathLike) -> int:
     return top + 1
 
 
-def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: str | os.PathLike, *,
+def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: str | os.PathLike | None, *,
                   hook_points: list[HookPoint] | None = None, mode: str = "create", rank: int | None = None,
-                  world_size: int = 1, metadata: dict[str, Any] | None = None) -> CapturePipeline:
-    """Build the pipeline for ``model`` writing to ``output_path`` and attach it."""
+                  world_size: int = 1, metadata: dict[str, Any] | None = None,
+                  sink: ActivationSink | None = None) -> CapturePipeline:
+    """Build the pipeline for ``model`` writing to ``output_path`` (or handing rows to ``sink``)
+    and attach it."""
+    if (output_path is None) == (sink is None):
+        raise ValueError(f"give exactly one of output_path (a store directory) and sink (an ActivationSink); "
+                         f"got output_path={output_path!r}, sink={sink!r}")
+    if sink is not None and not isinstance(sink, ActivationSink):
+        raise TypeError(f"sink must be an ActivationSink, got {type(sink).__name__}")
     if hook_points is None:
         hook_points = resolve_hook_points(model, config.hook_spec, config.layers)
     device = model_device(model)
@@ -96,8 +104,8 @@ def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: 
         "capture_config": config.to_dict(),
         **(metadata or {}),
     }
-    first_sequence = _next_sequence_id(output_path) if mode == "append" else 0
-    writer = StoreWriter(output_path, codec=config.codec_spec, mode=mode, shard_size=config.shard_size,
+    first_sequence = _next_sequence_id(output_path) if mode == "append" and output_path is not None else 0
+    writer = sink if sink is not None else StoreWriter(output_path, codec=config.codec_spec, mode=mode, shard_size=config.shard_size,
                          chunk_size=config.chunk_size, max_buffer_bytes=writer_bytes, num_workers=config.workers(),
                          on_full="block", rank=rank, metadata=meta, fsync=config.fsync)
     try:

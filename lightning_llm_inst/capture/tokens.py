@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["TokenSelection", "TokenSelector"]
@@ -79,36 +80,54 @@ class TokenSelector:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
-        ids = input_ids.detach().to("cpu", torch.int64)
+        # numpy on the host: these are a few thousand elements, and torch's CPU kernels would wake
+        # its intra-op thread pool on every forward while capture threads keep the cores busy
+        ids = _host_int64(input_ids)  # [b, t]
         if attention_mask is None:
-            mask = torch.ones(b, t, dtype=torch.int64)
+            mask = np.ones((b, t), dtype=np.int64)
         else:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < t:
                 raise ValueError(f"attention_mask must be [batch, >= seq] = [{b}, >= {t}], got "
                                  f"{tuple(attention_mask.shape)}")
-            mask = attention_mask.detach().to("cpu", torch.int64)
+            mask = _host_int64(attention_mask)  # [b, past + t]
         # true position of each token: count of real tokens before it (left padding included)
-        position = (mask.cumsum(-1) - 1)[:, -t:]  # [b, t]
-        keep = mask[:, -t:].bool()  # [b, t]
+        position = (np.cumsum(mask, axis=1) - 1)[:, -t:]  # [b, t]
+        keep = mask[:, -t:] != 0  # [b, t]
         if self.drop_bos:
             keep &= position != 0
         if self.drop_token_ids:
-            keep &= ~torch.isin(ids, torch.tensor(self.drop_token_ids, dtype=torch.int64))
+            keep &= ~np.isin(ids, np.asarray(self.drop_token_ids, dtype=np.int64))
         if self.position_window is not None:
             lo, hi = self.position_window
             keep &= position >= lo
             if hi is not None:
                 keep &= position < hi
         flat = keep.reshape(-1)
-        index = flat.nonzero().squeeze(1)  # [rows]
-        seq = torch.as_tensor(sequence_ids, dtype=torch.int64).reshape(b, 1).expand(b, t).reshape(-1)
-        tokens = {
-            "input_ids": ids.reshape(-1)[index],
-            "sequence_id": seq[index],
-            "position": position.reshape(-1)[index],
-            "step": torch.full((index.numel(),), int(step), dtype=torch.int64),
-        }
         all_rows = bool(flat.all())
-        if device is not None and torch.device(device).type != "cpu":
-            index = index.to(device, non_blocking=True)
+        seq = np.repeat(_host_int64(torch.as_tensor(sequence_ids)).reshape(-1), t)  # [b * t]
+        if seq.size != b * t:
+            raise ValueError(f"sequence_ids must hold one id per sequence ({b}), got {seq.size // max(1, t)}")
+        if all_rows:
+            index_np = np.arange(b * t, dtype=np.int64)
+            fields = (ids.reshape(-1).copy(), seq, position.reshape(-1).copy())
+        else:
+            index_np = np.flatnonzero(flat)  # [rows]
+            fields = (ids.reshape(-1)[index_np], seq[index_np], position.reshape(-1)[index_np])
+        tokens = {
+            "input_ids": torch.from_numpy(fields[0]),
+            "sequence_id": torch.from_numpy(np.ascontiguousarray(fields[1])),
+            "position": torch.from_numpy(np.ascontiguousarray(fields[2])),
+            "step": torch.full((index_np.size,), int(step), dtype=torch.int64),
+        }
+        index = torch.from_numpy(index_np)
+        if device is not None and torch.device(device).type != "cpu" and not all_rows:
+            index = index.pin_memory().to(device, non_blocking=True)
         return TokenSelection(index=index, batch_size=b, seq_len=t, tokens=tokens, all_rows=all_rows)
+
+
+def _host_int64(t: torch.Tensor) -> np.ndarray:
+    """``t`` as an int64 numpy array on the host (a copy only where needed)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    return t.numpy().astype(np.int64, copy=False)
