@@ -25,6 +25,7 @@ from torch import nn
 from lightning_llm_inst.capture.hooks import HookPoint, resolve_hook_points
 from lightning_llm_inst.capture.pipeline import BatchContext, CapturePipeline
 from lightning_llm_inst.capture.session import open_pipeline
+from lightning_llm_inst.capture.sink import ActivationSink
 from lightning_llm_inst.config import InstrumentationConfig
 
 __all__ = ["InstrumentationFramework"]
@@ -55,16 +56,19 @@ class InstrumentationFramework:
         return model
 
     @contextlib.contextmanager
-    def capture_activations(self, output_path: str | os.PathLike, *, mode: str = "create",
-                            metadata: dict[str, Any] | None = None) -> Iterator[InstrumentationFramework]:
+    def capture_activations(self, output_path: str | os.PathLike | None = None, *, mode: str = "create",
+                            metadata: dict[str, Any] | None = None,
+                            sink: ActivationSink | None = None) -> Iterator[InstrumentationFramework]:
         """Capture every forward pass of the instrumented model inside the block into the
-        store at ``output_path`` (``mode``: ``"create"``, ``"append"`` or ``"overwrite"``)."""
+        store at ``output_path`` (``mode``: ``"create"``, ``"append"`` or ``"overwrite"``), or
+        hand the rows to ``sink`` (an :class:`~lightning_llm_inst.capture.ActivationSink`)
+        instead of storing them."""
         if self.model is None:
             raise RuntimeError("call instrument_model(model) before capture_activations()")
         if self.pipeline is not None:
             raise RuntimeError("a capture is already running; captures of one framework cannot be nested")
         self.pipeline = open_pipeline(self.model, self.config, output_path, hook_points=self.hook_points, mode=mode,
-                                      metadata=metadata)
+                                      metadata=metadata, sink=sink)
         try:
             yield self
         except BaseException:
