@@ -1077,7 +1077,7 @@ class Bench:
             plan.append(("3", lambda: self.run_ours(
                 "3", f"ours, all {self.L} resid_post -> RAM sink (pinned host memory, CountingSink; no compression, "
                      f"no disk)", self.config(None, granularity=HookGranularity.RESIDUAL, fsync=False), self.work,
-                self.n_for(bytes_all, a.disk_target_gb * GB), "ram", None)))
+                self.n_for(bytes_all, 8 * a.disk_target_gb * GB), "ram", None)))
         shm = self.shm_dir()
         if "3a" in want:
             if shm is None or not a.sink_codec_ok:

@@ -20,6 +20,7 @@ GB = 10**9
 #: size the worker pool; measured on the H100 host by benchmarks/capture.py
 CORE_RATES_GBPS = {None: 1.6, "none": 1.6, "lz4": 0.25, "zstd": 0.18}
 #: share of max_memory_gb given to the host pool (pinned on a GPU); the writer's buffers get the rest
+HOST_POOL_SECONDS = 0.25
 HOST_POOL_SHARE = 0.25
 
 
@@ -159,9 +160,14 @@ class InstrumentationConfig:
         return max(1, min(max(1, cpus - 1), 32, math.ceil(self.target_throughput_gbps / rate)))
 
     def memory_split(self) -> tuple[int, int]:
-        """``(host pool bytes, writer buffer bytes)`` within ``max_memory_gb``."""
+        """``(host pool bytes, writer buffer bytes)`` within ``max_memory_gb``.
+
+        The host pool (pinned on a GPU, where pinning costs about 0.5 s per GB at open) holds
+        what arrives in a quarter second at ``target_throughput_gbps``, at least 256 MiB and at
+        most a quarter of the budget; the writer's buffers get the rest."""
         total = int(self.max_memory_gb * GB)
-        host = int(total * HOST_POOL_SHARE)
+        want = max(256 * 2**20, int(HOST_POOL_SECONDS * self.target_throughput_gbps * GB))
+        host = min(int(total * HOST_POOL_SHARE), want)
         return host, total - host
 
     def to_dict(self) -> dict[str, Any]:
