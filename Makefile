@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # A CPU build of torch: the plain name would pull several GB of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench compat clean
 
 install: $(STAMP)
 
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/capture_smollm2.py
+
+compat: $(STAMP)
+	$(PY) -m pytest -q tests/sae/test_saelens.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/store_write.py

@@ -1,14 +1,20 @@
-"""Capture SmolLM2-135M-Instruct's activations inside ``Trainer.predict`` and inspect the store.
+"""Capture SmolLM2-135M-Instruct's activations inside ``Trainer.predict``, inspect the store, and
+train a small sparse autoencoder on it.
 
 Run: ``make demo`` (or ``python examples/capture_smollm2.py [--out runs/demo] [--limit N]``).
 All 30 residual streams plus attention and MLP outputs of layers 0, 15 and 29 are captured
 over the corpus in ``examples/data`` (padding excluded), then the store's table, the capture
-throughput and a check against a direct forward pass are printed.
+throughput and a check against a direct forward pass are printed. Then a TopK SAE is trained on
+the layer-15 residual stream with ``llm-inst sae fit --config configs/sae_smollm2.yaml``, spliced
+back into the model on text it has not seen (CE loss recovered), and the TensorBoard command
+that shows its features is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 import time
 
 import lightning as L
@@ -17,6 +23,7 @@ import torch
 from lightning_llm_inst import ActivationCapture, ActivationStore, CausalLM, TextDataModule
 from lightning_llm_inst.cli import main as cli
 
+SAE_HOOK = "blocks.15.hook_resid_post"
 HOOKS = ["blocks.*.hook_resid_post"] + [f"blocks.{i}.hook_{k}" for i in (0, 15, 29) for k in ("attn_out", "mlp_out")]
 
 
@@ -49,6 +56,38 @@ def main(out: str, limit: int | None, batch_size: int) -> None:
     got = store["blocks.15.hook_resid_post"][: want.shape[0]]
     print(f"\nblocks.15.hook_resid_post of the first batch equals output_hidden_states[16]: {torch.equal(got, want)}")
     print("texts of stored rows: token ids, sequence ids and positions are in store.tokens")
+    store.close()
+    train_sae(lm, path, out)
+
+
+def train_sae(lm: CausalLM, path: str, out: str) -> None:
+    from lightning_llm_inst.models import corpus_texts
+    from lightning_llm_inst.sae import evaluate_sae, load_saelens
+
+    logs = f"{out}/sae"
+    print(f"\ntraining a TopK SAE on {SAE_HOOK} (configs/sae_smollm2.yaml) ...")
+    t0 = time.perf_counter()
+    cli(["sae", "fit", "--config", "configs/sae_smollm2.yaml", "--data.store_path", path,
+         "--trainer.logger.init_args.save_dir", logs, "--trainer.enable_progress_bar", "false"])
+    print(f"trained in {time.perf_counter() - t0:.1f} s")
+    run = max(glob.glob(f"{logs}/smollm2/version_*"), key=os.path.getmtime)
+    sae = load_saelens(f"{run}/saelens")
+    # text the capture did not see: the standard library's help topics
+    import pydoc_data.topics
+
+    texts = [t for t in pydoc_data.topics.topics.values() if len(t) > 400][:16]
+    seen = set(corpus_texts())
+    texts = [t for t in texts if t not in seen]
+    tok = lm.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(texts, truncation=True, max_length=128, padding=True, return_tensors="pt")
+    result = evaluate_sae(lm.model, sae, SAE_HOOK, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    print(f"spliced into the model on {int(result['tokens'])} unseen tokens: CE loss {result['ce_loss_clean']:.3f} clean, "
+          f"{result['ce_loss_spliced']:.3f} with the SAE, {result['ce_loss_zero']:.3f} zero-ablated -> "
+          f"CE loss recovered {result['ce_loss_recovered']:.2f}; FVU {result['fvu']:.3f}, L0 {result['l0']:.1f}")
+    print(f"SAELens files: {run}/saelens (cfg.json, sae_weights.safetensors)")
+    print(f"see the features (top contexts, densities, projector): tensorboard --logdir {logs}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""lightning-llm-inst: capture transformer activations to compressed HDF5 stores, fast.
+"""lightning-llm-inst: capture transformer activations to compressed HDF5 stores, fast, and
+train sparse autoencoders on them.
 
 The public API lives here; names are imported on first use so that light tools (the CLI,
 a store reader) do not pay for importing Lightning.
@@ -28,6 +29,17 @@ _EXPORTS = {
     "StoreError": "lightning_llm_inst.store",
     "StoreWriteError": "lightning_llm_inst.store",
     "StoreWriter": "lightning_llm_inst.store",
+    "ActivationDataModule": "lightning_llm_inst.sae",
+    "SAEConfig": "lightning_llm_inst.sae",
+    "SAELensExport": "lightning_llm_inst.sae",
+    "SAEModule": "lightning_llm_inst.sae",
+    "SparseAutoencoder": "lightning_llm_inst.sae",
+    "evaluate_sae": "lightning_llm_inst.sae",
+    "load_saelens": "lightning_llm_inst.sae",
+    "save_saelens": "lightning_llm_inst.sae",
+    "SAETensorBoard": "lightning_llm_inst.viz",
+    "write_sae_views": "lightning_llm_inst.viz",
+    "summarize_sae_features": "lightning_llm_inst.analysis.summary",
     "make_codec": "lightning_llm_inst.store",
     "merge_rank_manifests": "lightning_llm_inst.store",
 }

@@ -2,7 +2,8 @@
 
 Stage: the user's shell. ``llm-inst info PATH`` prints what a store holds; ``llm-inst verify
 PATH`` reads every committed shard and exits 0 only if all of them check out; ``llm-inst
-lightning SUBCOMMAND --config FILE`` runs a Lightning loop (capture) from a YAML file.
+lightning SUBCOMMAND --config FILE`` runs a Lightning loop (capture) from a YAML file; ``llm-inst
+sae fit|validate --config FILE`` trains or validates a sparse autoencoder on a store.
 """
 
 from __future__ import annotations
@@ -103,6 +104,13 @@ def cmd_lightning(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sae(args: argparse.Namespace) -> int:
+    from lightning_llm_inst.lightning_cli import sae_main
+
+    sae_main(args.args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lightning_llm_inst import __version__
 
@@ -120,11 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "`llm-inst lightning predict --config configs/capture_tiny.yaml`", add_help=False)
     lt.add_argument("args", nargs=argparse.REMAINDER)
     lt.set_defaults(func=cmd_lightning)
+    sae = sub.add_parser("sae", help="train (fit) or validate a sparse autoencoder on a store from a YAML config "
+                         "(LightningCLI), e.g. `llm-inst sae fit --config configs/sae_tiny.yaml`", add_help=False)
+    sae.add_argument("args", nargs=argparse.REMAINDER)
+    sae.set_defaults(func=cmd_sae)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # options right after `lightning` / `sae` (e.g. --help) belong to the LightningCLI
+        if args.command not in ("lightning", "sae"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.args = extra + args.args
     return int(args.func(args))
 
 

@@ -96,9 +96,20 @@ class InstrumentationFramework:
         """Counters of the running capture, or of the last one."""
         return self.pipeline.stats() if self.pipeline is not None else dict(self._last_stats)
 
-    def analyze_activations(self, data_path: str | os.PathLike, top_k: int = 10) -> dict[str, Any]:
+    def analyze_activations(self, data_path: str | os.PathLike, top_k: int = 10, *, sae: Any = None,
+                            hook: str | None = None, tokenizer: Any = None, contexts_per_feature: int = 5,
+                            context_window: int = 8, max_rows: int | None = None) -> dict[str, Any]:
         """Summary of a store: per hook point, rows, dtype, mean and norm statistics, and the
-        explained variance of the top principal directions."""
+        explained variance of the top principal directions.
+
+        With ``sae`` (a SparseAutoencoder, or a directory in SAELens format) the summary gains
+        ``"sae_features"`` for ``hook`` (default: the SAE's hook name, or the store's only hook
+        point): per latent, its density and top token contexts (as text too when a
+        ``tokenizer`` or ``"smollm2"`` is given), plus FVU, MSE, L0 and the dead fraction over
+        the first ``max_rows`` rows (default: all). See ``analysis.summary.summarize_sae_features``.
+        """
         from lightning_llm_inst.analysis.summary import summarize_store
 
-        return summarize_store(data_path, top_k=top_k)
+        return summarize_store(data_path, top_k=top_k, sae=sae, hook=hook, tokenizer=tokenizer,
+                               contexts_per_feature=contexts_per_feature, context_window=context_window,
+                               max_rows=max_rows)
