@@ -58,6 +58,7 @@ from lightning_llm_inst.store.format import (
     write_json_atomic,
 )
 from lightning_llm_inst.store.shard import OpenShard
+from lightning_llm_inst.store.shard_process import ProcessShard, ShardProcess
 
 __all__ = ["StoreWriter"]
 
@@ -124,6 +125,9 @@ class StoreWriter:
         metadata: JSON-serialisable provenance (model, hook spec, capture config) stored in
             the manifest and in every shard.
         fsync: make each shard and manifest durable before it is listed (default True).
+        shard_process: make the HDF5 calls in a child process (see
+            :mod:`~lightning_llm_inst.store.shard_process`) so that a write the kernel stalls
+            never holds this process's GIL; GPU captures turn it on.
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class StoreWriter:
         rank: int | None = None,
         metadata: Mapping[str, Any] | None = None,
         fsync: bool = True,
+        shard_process: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not valid; choose one of: {', '.join(MODES)}")
@@ -158,6 +163,9 @@ class StoreWriter:
         self.num_workers = num_workers
         self.on_full = on_full
         self.fsync = bool(fsync)
+        if not isinstance(shard_process, bool):
+            raise TypeError(f"shard_process must be True or False, got {shard_process!r}")
+        self._shard_process = ShardProcess() if shard_process else None
         try:
             self.metadata = json.loads(json.dumps(dict(metadata or {})))
         except (TypeError, ValueError) as exc:
@@ -686,8 +694,12 @@ class StoreWriter:
                     data, crc, dt, after_write = fut.result()
                     self._stats.compress_s += dt
                     if shard is None:
-                        shard = OpenShard(self.directory, index, self._columns, self.codec,  # type: ignore[arg-type]
-                                          self._shard_attrs(index))
+                        if self._shard_process is not None:
+                            shard = ProcessShard(self.directory, index, self._columns,  # type: ignore[arg-type]
+                                                 self.codec, self._shard_attrs(index), self._shard_process)
+                        else:
+                            shard = OpenShard(self.directory, index, self._columns,  # type: ignore[arg-type]
+                                              self.codec, self._shard_attrs(index))
                     t0 = time.perf_counter()
                     shard.write_chunk(col, chunk_index, valid, data, crc)
                     self._stats.write_s += time.perf_counter() - t0
@@ -838,6 +850,8 @@ class StoreWriter:
             self._thread.join()
             self._committer.join()
             self._workers.shutdown(wait=True)
+            if self._shard_process is not None:
+                self._shard_process.close()
             self._release_lock()
             atexit.unregister(self._atexit)
         if self._error is not None:

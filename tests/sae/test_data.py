@@ -185,7 +185,7 @@ class _RecordRows(L.LightningModule):
 def test_lightning_resume_from_a_mid_epoch_checkpoint(store, tmp_path, given):
     def trainer(**kwargs):
         return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, **kwargs)
+                         num_sanity_val_steps=0, default_root_dir=tmp_path, **kwargs)
 
     def data():
         return ActivationDataModule(store, batch_size=200, num_workers=2, val_fraction=0.1)
