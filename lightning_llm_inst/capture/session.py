@@ -80,6 +80,17 @@ def _next_sequence_id(path: str | os.PathLike) -> int:
     return top + 1
 
 
+def _shard_process(device: torch.device) -> bool:
+    """HDF5 calls in a child process on GPU captures, where the model's thread must never wait
+    for the GIL behind a stalled write (``LLM_INST_SHARD_PROCESS=0|1`` overrides)."""
+    env = os.environ.get("LLM_INST_SHARD_PROCESS")
+    if env is not None:
+        if env not in ("0", "1"):
+            raise ValueError(f"LLM_INST_SHARD_PROCESS={env!r} is not valid; use 0 or 1")
+        return env == "1"
+    return device.type == "cuda"
+
+
 def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: str | os.PathLike | None, *,
                   hook_points: list[HookPoint] | None = None, mode: str = "create", rank: int | None = None,
                   world_size: int = 1, metadata: dict[str, Any] | None = None,
@@ -107,7 +118,8 @@ def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: 
     first_sequence = _next_sequence_id(output_path) if mode == "append" and output_path is not None else 0
     writer = sink if sink is not None else StoreWriter(output_path, codec=config.codec_spec, mode=mode, shard_size=config.shard_size,
                          chunk_size=config.chunk_size, max_buffer_bytes=writer_bytes, num_workers=config.workers(),
-                         on_full="block", rank=rank, metadata=meta, fsync=config.fsync)
+                         on_full="block", rank=rank, metadata=meta, fsync=config.fsync,
+                         shard_process=_shard_process(device))
     try:
         buffers = CaptureBuffers(device, host_bytes, config.gpu_buffer_mb * 2**20 if device.type == "cuda" else 0)
         selector = TokenSelector(config.drop_bos, config.drop_token_ids, config.position_window)
