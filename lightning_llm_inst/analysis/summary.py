@@ -201,8 +201,9 @@ def sae_feature_stats(sae: SparseAutoencoder, store: ActivationStore, hook: str 
         block_rows = int(min(8192, max(64, LATENT_BUDGET_BYTES // (4 * d_sae))))
     param = sae.W_dec
     device = param.device
-    mse, fvu, l0, density = (m.to(device) for m in (ReconstructionMSE(), FractionOfVarianceUnexplained(d_in), L0(),
-                                                    FeatureDensity(d_sae)))
+    local = {"sync_on_compute": False}  # this process's rows only: may run on rank 0 alone under DDP
+    mse, fvu, l0, density = (m.to(device) for m in (ReconstructionMSE(**local), FractionOfVarianceUnexplained(
+        d_in, **local), L0(**local), FeatureDensity(d_sae, **local)))
     top_values = torch.zeros(contexts, d_sae, device=device)  # [contexts, d_sae]
     top_rows = torch.full((contexts, d_sae), -1, dtype=torch.int64, device=device)
     pos_sse, pos_norm2, pos_rows = (torch.zeros(0, dtype=dt) for dt in (torch.float64, torch.float64, torch.int64))

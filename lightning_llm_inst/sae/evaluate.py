@@ -61,9 +61,10 @@ class _Splice:
         self.mode = "clean"
         self.mask: torch.Tensor | None = None  # [batch, seq] bool: positions to replace
         device = sae.W_dec.device
-        self.mse = ReconstructionMSE().to(device)
-        self.fvu = FractionOfVarianceUnexplained(d_in).to(device)
-        self.l0 = L0().to(device)
+        local = {"sync_on_compute": False}  # the tokens this process evaluated (no collective)
+        self.mse = ReconstructionMSE(**local).to(device)
+        self.fvu = FractionOfVarianceUnexplained(d_in, **local).to(device)
+        self.l0 = L0(**local).to(device)
 
     def replace(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "clean":

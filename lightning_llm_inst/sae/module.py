@@ -325,7 +325,7 @@ class SAELensExport(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self.directory(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
-            path = self.directory(trainer)
             pl_module.export_saelens(path)  # type: ignore[operator]
             rank_zero_info(f"SAELensExport: wrote the SAE to {path}")

@@ -35,15 +35,20 @@ def job(store: str, out: str) -> None:
     """Train a few steps on 2 processes, then validate; every rank saves its SAE, rank 0 the metrics."""
     import lightning as L
 
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     from lightning_llm_inst.sae.data import ActivationDataModule
-    from lightning_llm_inst.sae.module import SAEModule
+    from lightning_llm_inst.sae.module import SAELensExport, SAEModule
+    from lightning_llm_inst.viz.tensorboard import SAETensorBoard
 
     torch.set_num_threads(1)
     dm = ActivationDataModule(store, **{**DATA, "num_workers": 1})  # batches read in a worker process
     module = SAEModule(expansion_factor=2, k=3, lr=1e-2, init_sample_rows=1024, dead_window_tokens=512)
+    # the rank-0 callbacks must not deadlock the other rank (no collective inside rank-0-only code)
+    callbacks = [SAELensExport(f"{out}/export"), SAETensorBoard(num_features=4, projector_points=50, max_rows=2000)]
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=6, num_sanity_val_steps=0,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+                        val_check_interval=3, logger=TensorBoardLogger(f"{out}/tb", name="run"), callbacks=callbacks,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, dm)
     torch.save({k: v.clone() for k, v in module.sae.state_dict().items()}, f"{out}/sae_rank{trainer.global_rank}.pt")
     metrics = trainer.validate(module, dm, verbose=False)[0]
@@ -63,7 +68,9 @@ def test_ddp_two_processes_match_a_single_process_reference(tmp_path):
     proc = subprocess.run([sys.executable, __file__, str(store), str(tmp_path)], check=False, capture_output=True,
                           text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"sae_rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"sae_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert (tmp_path / "export" / "sae_weights.safetensors").is_file()  # written by rank 0 at fit end
+    assert list((tmp_path / "tb").rglob("projector_config.pbtxt"))  # views written by rank 0
     assert ranks[0].keys() == ranks[1].keys()
     for name in ranks[0]:  # one broadcast initialisation, identical all-reduced steps
         assert torch.equal(ranks[0][name], ranks[1][name]), name
