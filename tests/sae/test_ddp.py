@@ -34,7 +34,6 @@ def write_store(path: Path) -> None:
 def job(store: str, out: str) -> None:
     """Train a few steps on 2 processes, then validate; every rank saves its SAE, rank 0 the metrics."""
     import lightning as L
-
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_llm_inst.sae.data import ActivationDataModule
