@@ -5,7 +5,9 @@ GIL inside every HDF5 call, including the ``write()`` under ``write_direct_chunk
 kernel may stall for disk writeback; in a process of its own that stall cannot stop the
 threads launching a model's kernels. This script reads framed commands on stdin (``open``,
 ``chunk``, ``truncate``, ``close``, ``abort``), answers ``close`` / ``abort`` on stdout, and
-imports only the standard library, numpy and h5py.
+imports only the standard library, numpy and h5py. Chunk bytes are read from the shared-memory
+ring named on the command line (``shm_offset`` / ``shm_size``; each is acknowledged once
+written) or, for chunks too large for it, follow their header on stdin.
 
 Frame: 4-byte little-endian header length, the JSON header, then ``header["size"]`` payload bytes.
 """
@@ -35,8 +37,13 @@ def reply(fd: int, msg: dict) -> None:
 
 
 def main() -> None:
+    from multiprocessing import shared_memory
+
     import h5py
 
+    shm = shared_memory.SharedMemory(name=sys.argv[1])
+    shm.unlink()  # mapped by both processes now: drop the name, so a killed writer leaves nothing behind
+    ring = np.frombuffer(shm.buf, dtype=np.uint8)
     fin, fout = sys.stdin.fileno(), sys.stdout.fileno()
     f = None
     datasets: dict = {}
@@ -69,11 +76,17 @@ def main() -> None:
                     ds.attrs["dtype"] = d["dtype"]
                     datasets[d["key"]] = ds
             elif op == "chunk":
-                if error is None:
-                    ds = datasets[head["key"]]
-                    if ds.shape[0] < head["rows"]:
-                        ds.resize(head["rows"], axis=0)
-                    ds.id.write_direct_chunk(tuple(head["offset"]), payload)
+                try:
+                    if error is None:
+                        if "shm_offset" in head:
+                            payload = ring[head["shm_offset"] : head["shm_offset"] + head["shm_size"]]
+                        ds = datasets[head["key"]]
+                        if ds.shape[0] < head["rows"]:
+                            ds.resize(head["rows"], axis=0)
+                        ds.id.write_direct_chunk(tuple(head["offset"]), payload)
+                finally:
+                    if "shm_offset" in head:
+                        reply(fout, {"ack": 1})  # its ring slice may be reused
             elif op == "truncate":
                 if error is None:
                     ds = datasets[head["key"]]

@@ -5,8 +5,8 @@ created with ``shard_process=True`` (GPU captures do this). :class:`ProcessShard
 interface of :class:`~lightning_llm_inst.store.shard.OpenShard`, but the HDF5 calls run in a
 child process (``_shard_child.py``): h5py keeps the GIL inside them, and a chunk write the
 kernel stalls for writeback would otherwise stall every Python thread of the caller -- the
-one launching the model's kernels included. Here the writer thread only ``os.write``s the
-stored bytes into a pipe, which releases the GIL. The file is the same, byte for byte in
+one launching the model's kernels included. Here the writer thread copies the stored bytes
+into a shared-memory ring and sends a small header down a pipe. The file is the same, byte for byte in
 its chunks; fsync and rename stay in this process (:meth:`publish`).
 """
 
@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import threading
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -35,63 +36,133 @@ _CHILD = Path(__file__).with_name("_shard_child.py")
 
 
 class ShardProcess:
-    """The child process of one writer, started on first use, stopped by :meth:`close`."""
+    """The child process of one writer, started on first use, stopped by :meth:`close`.
 
-    def __init__(self) -> None:
+    Chunk bytes travel through a shared-memory ring (``ring_bytes``); the pipe carries only
+    small headers one way and acknowledgements the other. A slice of the ring is reused once
+    the child has written the chunk it held (acknowledgements come back in order).
+    """
+
+    def __init__(self, ring_bytes: int = 64 << 20) -> None:
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
+        self._ring_bytes = ring_bytes
+        self._shm: Any = None
+        self._ring: np.ndarray | None = None
+        self._head = 0  # next free byte of the ring
+        self._used = 0
+        self._pending: deque[tuple[int, int]] = deque()  # (offset, charged) of unacknowledged chunks
+        self._inbox: deque[dict[str, Any]] = deque()  # messages read while waiting for acknowledgements
 
     def _start(self) -> subprocess.Popen:
         if self._proc is not None and self._proc.poll() is not None:
             raise OSError(errno_mod.EPIPE, f"the shard-writing process exited with code {self._proc.returncode}")
         if self._proc is None:
-            self._proc = subprocess.Popen([sys.executable, "-u", os.fspath(_CHILD)], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, bufsize=0, close_fds=True)
-            try:  # room for a few chunks in the pipe
-                import fcntl
+            from multiprocessing import shared_memory
 
-                fcntl.fcntl(self._proc.stdin.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 22)
-            except OSError:
-                pass
+            self._shm = shared_memory.SharedMemory(create=True, size=self._ring_bytes)
+            self._ring = np.frombuffer(self._shm.buf, dtype=np.uint8)
+            self._proc = subprocess.Popen([sys.executable, "-u", os.fspath(_CHILD), self._shm.name],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True)
+            from multiprocessing import resource_tracker
+
+            resource_tracker.unregister(self._shm._name, "shared_memory")  # the child unlinks the name
         return self._proc
 
     def send(self, head: dict[str, Any], payload: Any = None) -> None:
         view = memoryview(payload).cast("B") if payload is not None else None
-        head["size"] = view.nbytes if view is not None else 0
-        data = json.dumps(head).encode()
+        n = view.nbytes if view is not None else 0
         with self._lock:
             fd = self._start().stdin.fileno()  # type: ignore[union-attr]
+            if n and n <= self._ring_bytes // 2:
+                offset = self._alloc(n)
+                self._ring[offset : offset + n] = np.frombuffer(view, dtype=np.uint8)  # type: ignore[index]
+                head.update(shm_offset=offset, shm_size=n)
+                view, n = None, 0
+            head["size"] = n
+            data = json.dumps(head).encode()
             _write_all(fd, struct.pack("<I", len(data)) + data)
-            if view is not None and view.nbytes:
+            if view is not None and n:  # larger than half the ring: through the pipe
                 _write_all(fd, view)
 
-    def receive(self, block: bool = True) -> dict[str, Any] | None:
-        """The child's next message; ``None`` when ``block`` is False and none is waiting."""
-        proc = self._start()
+    def _alloc(self, n: int) -> int:
+        """Offset of ``n`` free bytes of the ring, waiting for acknowledgements while it is full."""
+        n = -(-n // 64) * 64
+        while True:
+            size = self._ring_bytes
+            if not self._pending:
+                self._head = 0
+            tail = self._pending[0][0] if self._pending else 0
+            place = None
+            if not self._pending or self._head > tail:
+                if size - self._head >= n:
+                    place = (self._head, n)
+                elif tail >= n:
+                    place = (0, n + size - self._head)  # wrap: the end of the ring is skipped
+            elif tail - self._head >= n:
+                place = (self._head, n)
+            if place is not None:
+                offset, charged = place
+                self._pending.append((offset, charged))
+                self._used += charged
+                self._head = offset + n
+                return offset
+            self._read_one(block=True)
+
+    def _read_one(self, block: bool) -> bool:
+        """Read one message from the child: an acknowledgement frees ring space, anything else
+        goes to the inbox. False when ``block`` is False and nothing is waiting."""
+        proc = self._proc
+        assert proc is not None
         fd = proc.stdout.fileno()  # type: ignore[union-attr]
         if not block and not select.select([fd], [], [], 0)[0]:
-            return None
+            return False
         head = _read_exact(fd, 4)
         if not head:
             raise OSError(errno_mod.EPIPE, f"the shard-writing process exited (code {proc.wait()})")
         (n,) = struct.unpack("<I", head)
-        return json.loads(_read_exact(fd, n))
+        msg = json.loads(_read_exact(fd, n))
+        if "ack" in msg:
+            for _ in range(msg["ack"]):
+                _, charged = self._pending.popleft()
+                self._used -= charged
+        else:
+            self._inbox.append(msg)
+        return True
+
+    def receive(self, block: bool = True) -> dict[str, Any] | None:
+        """The child's next message other than an acknowledgement; ``None`` when ``block`` is
+        False and none is waiting."""
+        with self._lock:
+            self._start()
+            while not self._inbox:
+                if not self._read_one(block):
+                    return None
+            return self._inbox.popleft()
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
         try:
-            if proc.poll() is None:
-                self.send_to(proc, {"op": "exit"})
-            proc.wait(timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait()
+            if proc is not None:
+                try:
+                    if proc.poll() is None:
+                        self.send_to(proc, {"op": "exit"})
+                    proc.wait(timeout=30)
+                except (OSError, subprocess.TimeoutExpired):
+                    proc.kill()
+                    proc.wait()
+                finally:
+                    for f in (proc.stdin, proc.stdout):
+                        if f is not None:
+                            f.close()
         finally:
-            for f in (proc.stdin, proc.stdout):
-                if f is not None:
-                    f.close()
+            if self._shm is not None:
+                self._ring = None
+                self._shm.close()  # the child unlinked its name once it had mapped it
+                self._shm = None
+            self._pending.clear()
+            self._inbox.clear()
+            self._used = self._head = 0
 
     @staticmethod
     def send_to(proc: subprocess.Popen, head: dict[str, Any]) -> None:

@@ -49,7 +49,16 @@ def batch():
     return ids, mask
 
 
-def _no_hooks(model: torch.nn.Module) -> bool:
+def _hooks(model: torch.nn.Module) -> list[tuple[str, list, list]]:
+    return [(n, list(m._forward_hooks.values()), list(m._forward_pre_hooks.values()))
+            for n, m in model.named_modules()]
+
+
+def _no_hooks(model: torch.nn.Module, before: list | None = None) -> bool:
+    """No hook left behind: none at all, or the same ones as ``before`` (transformers installs
+    hooks of its own on a model that ran with ``output_hidden_states``)."""
+    if before is not None:
+        return _hooks(model) == before
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
@@ -143,6 +152,7 @@ def test_smollm2_identity_and_zero_splice():
     enc = tok([texts[0][:300], texts[1][:60]], return_tensors="pt", padding=True, truncation=True, max_length=24)
     hook = "blocks.5.hook_resid_post"
     d = model.config.hidden_size
+    before = _hooks(model)  # the model is shared with other tests
     ident = evaluate_sae(model, identity_sae(d), hook, input_ids=enc["input_ids"],
                          attention_mask=enc["attention_mask"], batch_size=4)
     zero = evaluate_sae(model, zero_sae(d), hook, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
@@ -152,4 +162,4 @@ def test_smollm2_identity_and_zero_splice():
     assert ident["kl_div"] < 1e-4
     assert zero["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-3)
     assert math.isfinite(zero["kl_div"]) and zero["kl_div"] > 1.0
-    assert _no_hooks(model)
+    assert _no_hooks(model, before)
