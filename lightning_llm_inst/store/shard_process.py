@@ -158,7 +158,10 @@ class ShardProcess:
         finally:
             if self._shm is not None:
                 self._ring = None
-                self._shm.close()  # the child unlinked its name once it had mapped it
+                try:
+                    self._shm.close()  # the child unlinked its name once it had mapped it
+                except BufferError:  # a view is still alive somewhere: the mapping goes with the process
+                    pass
                 self._shm = None
             self._pending.clear()
             self._inbox.clear()
