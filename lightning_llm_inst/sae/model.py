@@ -304,13 +304,12 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"dead_mask must be a bool tensor of shape [d_sae={self.cfg.d_sae}], "
                              f"got {dead_mask.dtype} {tuple(dead_mask.shape)}")
         dead = dead_mask.to(pre.device)
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return pre.new_zeros(())
         aux_k = self.cfg.resolved_aux_k
-        scale = min(n_dead / aux_k, 1.0)  # fewer dead latents than aux_k: a smaller loss
-        candidates = pre.relu().masked_fill(~dead, -math.inf)  # [tokens, d_sae]
-        values, indices = candidates.topk(min(aux_k, n_dead), dim=-1, sorted=False)
+        # no host sync: with fewer than aux_k dead latents the rest of the top-k are zeros, and
+        # with none the scale is 0
+        scale = (dead.sum().float() / aux_k).clamp(max=1.0)  # fewer dead latents than aux_k: a smaller loss
+        candidates = pre.relu().masked_fill(~dead, 0.0)  # [tokens, d_sae]
+        values, indices = candidates.topk(aux_k, dim=-1, sorted=False)
         aux_latents = torch.zeros_like(pre).scatter(-1, indices, values)
         aux_recon = aux_latents @ self.W_dec  # [tokens, d_in]
         return self.cfg.aux_coefficient * scale * (aux_recon - residual).pow(2).sum(dim=-1).mean()

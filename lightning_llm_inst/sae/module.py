@@ -215,14 +215,16 @@ class SAEModule(L.LightningModule):
         out = sae.training_loss(x, dead_mask=dead)
         self.train_dead.update(out["latents"])
         n = x.shape[0]
-        log = {"train/loss": out["loss"].detach(), "train/mse_loss": out["mse_loss"],
-               "train/sparsity_loss": out["sparsity_loss"], "train/aux_loss": out["aux_loss"],
-               "train/mse": M.reconstruction_mse(x, out["reconstruction"]).float(),
-               "train/fvu": M.fraction_of_variance_unexplained(x, out["reconstruction"]).float(),
-               "train/l0": M.l0(out["latents"]).float(), "train/dead_fraction": dead.float().mean()}
-        self.log_dict(log, on_step=True, on_epoch=False, batch_size=n)
-        self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, on_step=True, on_epoch=False,
-                 batch_size=n)
+        every = getattr(self._trainer, "log_every_n_steps", 1) if self._trainer is not None else 1
+        if every and self.global_step % every == 0:  # the batch metrics only where the logger takes them
+            log = {"train/loss": out["loss"].detach(), "train/mse_loss": out["mse_loss"],
+                   "train/sparsity_loss": out["sparsity_loss"], "train/aux_loss": out["aux_loss"],
+                   "train/mse": M.reconstruction_mse(x, out["reconstruction"]).float(),
+                   "train/fvu": M.fraction_of_variance_unexplained(x, out["reconstruction"]).float(),
+                   "train/l0": M.l0(out["latents"]).float(), "train/dead_fraction": dead.float().mean()}
+            self.log_dict(log, on_step=True, on_epoch=False, batch_size=n)
+            self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                     batch_size=n)
         return out["loss"]
 
     @override

@@ -106,7 +106,7 @@ def test_dead_latents_feed_the_auxk_loss(store, tmp_path):
             return loss
 
     module = Spy(expansion_factor=8, k=2, lr=1e-2, dead_window_tokens=512, init_sample_rows=1024)
-    _trainer(tmp_path, max_steps=12, limit_val_batches=0).fit(module, _data(store))
+    _trainer(tmp_path, max_steps=12, limit_val_batches=0, log_every_n_steps=1).fit(module, _data(store))
     assert any(dead > 0 for dead, _ in seen)  # 256 latents, k=2 per token: many stay silent for 512 tokens
     first_dead = next(i for i, (dead, _) in enumerate(seen) if dead > 0)
     assert all(aux == 0 for _, aux in seen[: first_dead + 1])  # no AuxK before a latent is dead
