@@ -200,6 +200,10 @@ def main() -> None:
             finally:
                 shard_module.OpenShard.write_chunk = original
             st = fw.stats()
+            e2e = t_loop + tail
+            print(f"{name}: end to end {a.iters * B * T / e2e:,.0f} tokens/s, raw "
+                  f"{st.get('bytes_captured', 0) / max(1, st.get('rows', 1)) * a.iters * B * T / e2e / 1e9:.2f} GB/s "
+                  f"(loop + close {e2e:.1f} s)", flush=True)
             report(name, a.iters * B * T / t_loop,
                    f"(close {tail:.2f} s; hook_s {st.get('hook_s', 0):.2f}; impl {fw.config.buffer_impl}; "
                    f"workers {st.get('writer_workers')}; blocked ring/pool {st.get('gpu_ring_wait_s', 0):.2f}/"
@@ -210,6 +214,10 @@ def main() -> None:
         capture("cap1-zstd-disk", [8], "zstd", False)
         capture("cap16-none-noop", None, None, True)
         capture("cap1-zstd-disk-1copy", [8], "zstd", False, copy_threads=1)
+        capture("cap16-zstd-disk", None, "zstd", False)
+        capture("cap16-zstd-disk-2copy", None, "zstd", False, copy_threads=2)
+        capture("cap16-zstd-disk-2copy-8w", None, "zstd", False, copy_threads=2, num_workers=8)
+        capture("cap16-zstd-disk-8w", None, "zstd", False, num_workers=8)
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1))
 
