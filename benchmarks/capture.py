@@ -676,7 +676,8 @@ class Bench:
         return InstrumentationConfig(
             compression_algorithm=None if codec.name == "none" else codec.name,
             compression_level=codec.level if codec.name == "zstd" else None,
-            target_throughput_gbps=a.target_gbps, max_memory_gb=a.max_memory_gb, gpu_buffer_mb=a.gpu_buffer_mb, **kw)
+            target_throughput_gbps=a.target_gbps, max_memory_gb=a.max_memory_gb, gpu_buffer_mb=a.gpu_buffer_mb,
+            chunk_size=a.chunk_size, **kw)
 
     def shm_dir(self) -> Path | None:
         p = Path(self.args.shm_dir)
@@ -695,6 +696,7 @@ class Bench:
         fw.instrument_model(self.model)
         dropped = {"bytes": 0, "chunks": 0}
         original = shard_module.OpenShard.write_chunk
+        original_many = shard_module.OpenShard.write_chunks
         if sink == "noop":
             def write_chunk(self_: Any, col: Any, chunk_index: int, valid_rows: int, data: Any, crc: int) -> None:
                 ds = self_.datasets[col.key]
@@ -706,7 +708,13 @@ class Bench:
                 dropped["bytes"] += nbytes
                 dropped["chunks"] += 1
 
+            def write_chunks(self_: Any, col: Any, first: int, valid: list[int], datas: list[Any],
+                             crcs: list[int]) -> None:
+                for i, (v, d, c) in enumerate(zip(valid, datas, crcs, strict=True)):
+                    write_chunk(self_, col, first + i, v, d, c)
+
             shard_module.OpenShard.write_chunk = write_chunk  # type: ignore[method-assign]
+            shard_module.OpenShard.write_chunks = write_chunks  # type: ignore[method-assign]
         host_empty_cache()
         gpu_reset()
         error = None
@@ -747,6 +755,7 @@ class Bench:
             t_end = time.perf_counter()
         finally:
             shard_module.OpenShard.write_chunk = original  # type: ignore[method-assign]
+            shard_module.OpenShard.write_chunks = original_many  # type: ignore[method-assign]
         st = fw.stats()
         rss_after_close = current_rss()
         gc.collect()
@@ -1167,7 +1176,8 @@ def build_markdown(result: dict[str, Any]) -> str:
              f"{result['machine']['transformers']}, h5py {result['machine']['h5py']}, zstandard "
              f"{result['machine']['zstandard']}, lz4 {result['machine']['lz4']}. Capture config: max_memory_gb "
              f"{result['config']['max_memory_gb']}, target_throughput_gbps {result['config']['target_gbps']}, "
-             f"gpu_buffer_mb {result['config']['gpu_buffer_mb']}, disk rows >= {result['config']['disk_target_gb']:.1f}"
+             f"gpu_buffer_mb {result['config']['gpu_buffer_mb']}, chunk_size "
+             f"{result['config'].get('chunk_size', '1MiB')}, disk rows >= {result['config']['disk_target_gb']:.1f}"
              f" GB raw or {result['config']['max_seconds']:.0f} s of forwards. GB = 10^9 bytes.", "",
              "**RAM sink** (row 3): rows packed on the GPU, copied into the pinned host pool and handed to a "
              "`CountingSink` (`capture_activations(sink=...)`: no compression, no disk). Diagnostic rows 3a/3b: 3a writes the ordinary store into a tmpfs directory with `fsync=False` (every "
@@ -1312,6 +1322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-memory-gb", type=float, default=None, help="capture max_memory_gb (default 16, 1 with --quick)")
     p.add_argument("--target-gbps", type=float, default=4.0, help="capture target_throughput_gbps")
     p.add_argument("--gpu-buffer-mb", type=int, default=1024, help="capture gpu_buffer_mb")
+    p.add_argument("--chunk-size", default="1MiB", help="capture chunk_size (raw bytes per HDF5 chunk)")
     p.add_argument("--codecs", default="none,lz4,zstd", help="codecs of row 4 (none, lz4, zstd, zstd:N)")
     p.add_argument("--one-codec", default="zstd", help="codec of row 2")
     p.add_argument("--sink-codec", default="zstd", help="codec of the RAM-sink rows 3a/3b")
@@ -1403,6 +1414,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine_info(work),
         "config": {"batch": a.batch, "seq": a.seq, "iters": a.iters, "warmup": a.warmup,
                    "max_memory_gb": a.max_memory_gb, "target_gbps": a.target_gbps, "gpu_buffer_mb": a.gpu_buffer_mb,
+                   "chunk_size": a.chunk_size,
                    "codecs": a.codec_list, "one_codec": a.one_codec, "sink_codec": a.sink_codec,
                    "rows": sorted(a.row_set), "disk_target_gb": a.disk_target_gb, "max_seconds": a.max_seconds,
                    "budget_seconds": a.budget_seconds, "quick": a.quick, "shm_dir": a.shm_dir,

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["cuda_available", "extension_dir", "load_extension", "pack_rows_cuda"]
+__all__ = ["EventPool", "cuda_available", "extension_dir", "fused_eligible", "load_extension", "pack_copy",
+           "pack_rows_cuda"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def load_extension() -> Any:
             raise RuntimeError(_failure)
         try:
             _module = _build()
-        except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
+        except Exception as exc:
             _failure = f"{type(exc).__name__}: {exc}"
             raise RuntimeError(_failure) from exc
         return _module
@@ -97,20 +98,76 @@ def cuda_available(warn: bool = True) -> bool:
 
 
 def pack_rows_cuda(x: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype, out: torch.Tensor,
-                   shuffle: bool) -> torch.Tensor:
+                   shuffle: bool, group_rows: int | None = None) -> torch.Tensor:
     """Same contract and bytes as :func:`~lightning_llm_inst.buffer.pack.pack_rows_torch`."""
     if dtype not in _OUT_CODES:
         raise ValueError(f"storage dtype must be float32, float16 or bfloat16, got {dtype}")
+    if group_rows is not None and (isinstance(group_rows, bool) or not isinstance(group_rows, int) or group_rows < 1):
+        raise ValueError(f"group_rows must be None or a positive integer, got {group_rows!r}")
     rows2d = x.reshape(x.shape[0], -1) if x.dim() != 2 else x  # [tokens, F]
     if rows2d.dtype not in _OUT_CODES or out.data_ptr() % 16 or rows2d.shape[1] % 4:
         # the kernel takes 4 elements a thread into aligned output; anything else: torch path
         from lightning_llm_inst.buffer.pack import pack_rows_torch
 
-        return pack_rows_torch(x, index, dtype, out, shuffle)
+        return pack_rows_torch(x, index, dtype, out, shuffle, group_rows)
     has_index = index is not None
     idx = index.contiguous() if has_index else out.new_empty(0, dtype=torch.long)
-    load_extension().pack_rows(rows2d, idx, has_index, _OUT_CODES[dtype], out, shuffle)
     rows = idx.numel() if has_index else rows2d.shape[0]
+    groups = group_rows if shuffle and group_rows is not None and group_rows < rows else 0
+    load_extension().pack_rows(rows2d, idx, has_index, _OUT_CODES[dtype], out, shuffle, groups)
     n = rows * rows2d.shape[1]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return out.view(itemsize, n) if shuffle else out
+    return out.view(dtype.itemsize, n) if shuffle and not groups else out
+
+
+def fused_eligible(x: torch.Tensor, dtype: torch.dtype, row_elems: int) -> bool:
+    """True if :func:`pack_copy` takes this tensor (else: the torch pack and a torch copy)."""
+    return x.is_cuda and x.dtype in _OUT_CODES and dtype in _OUT_CODES and row_elems % 4 == 0
+
+
+def pack_copy(x: torch.Tensor, tokens: int, index: torch.Tensor | None, dtype: torch.dtype, ring: torch.Tensor,
+              offset: int, nbytes: int, shuffle: bool, group_rows: int | None, host_ptr: int, side_stream: int,
+              packed_event: int, copied_event: int) -> None:
+    """One hook's GPU step in one extension call: pack ``x`` (``[tokens, F]`` once reshaped)
+    into ``ring[offset : offset + nbytes]`` on the current stream, then copy that slice to the
+    pinned address ``host_ptr`` on ``side_stream`` after ``packed_event``, recording
+    ``copied_event`` behind the copy. Bytes as :func:`pack_rows_cuda`; the caller checked
+    :func:`fused_eligible` and that ``offset`` is 16-byte aligned."""
+    rows = index.numel() if index is not None else tokens
+    groups = group_rows if shuffle and group_rows is not None and group_rows < rows else 0
+    _module.pack_copy(x, tokens, index, _OUT_CODES[dtype], ring, offset, nbytes, shuffle, groups, host_ptr,
+                      side_stream, packed_event, copied_event)
+
+
+class EventPool:
+    """Reusable CUDA events (raw handles from the extension) for :func:`pack_copy`: making
+    and destroying an event per slice would cost a driver call each."""
+
+    def __init__(self) -> None:
+        self._mod = load_extension()
+        self._free: list[int] = []
+        self._all: list[int] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> int:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        e = self._mod.event_create()
+        with self._lock:
+            self._all.append(e)
+        return e
+
+    def put(self, e: int) -> None:
+        with self._lock:
+            self._free.append(e)
+
+    def synchronize(self, e: int) -> None:
+        """Wait for ``e`` (the GIL is released meanwhile)."""
+        self._mod.event_synchronize(e)
+
+    def close(self) -> None:
+        """Destroy every event (call once nothing waits on them)."""
+        with self._lock:
+            events, self._all, self._free = self._all, [], []
+        for e in events:
+            self._mod.event_destroy(e)

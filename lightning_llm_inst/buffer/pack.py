@@ -3,7 +3,9 @@
 Stage: inside a forward hook, on the compute stream. ``pack_rows`` gathers the selected
 token rows, casts them to the storage dtype and, when the store shuffles, lays them out as
 byte planes (byte ``b`` of every element in plane ``b``: HDF5's shuffle order), so that
-neither the copy to the host nor the CPU has to touch individual bytes again. The result
+neither the copy to the host nor the CPU has to touch individual bytes again. With
+``group_rows`` the planes are laid out per group of that many rows -- one HDF5 chunk each --
+so every chunk is one contiguous run the writer can compress where it lies. The result
 lands in a slice of the ring buffer and goes to the writer's ``add_packed``.
 
 ``pack_rows_torch`` is the reference; a CUDA kernel with the same signature must produce
@@ -22,7 +24,7 @@ def packed_nbytes(rows: int, row_elems: int, dtype: torch.dtype) -> int:
 
 
 def pack_rows_torch(x: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype, out: torch.Tensor,
-                    shuffle: bool) -> torch.Tensor:
+                    shuffle: bool, group_rows: int | None = None) -> torch.Tensor:
     """Pack rows of ``x`` into ``out``.
 
     Args:
@@ -31,9 +33,14 @@ def pack_rows_torch(x: torch.Tensor, index: torch.Tensor | None, dtype: torch.dt
         dtype: storage dtype (the rows are cast to it).
         out: uint8, ``rows * prod(feature) * itemsize`` bytes, contiguous, on ``x``'s device.
         shuffle: write byte planes ``[itemsize, rows * F]`` instead of row-major bytes.
+        group_rows: with ``shuffle``, lay the planes out per group of this many rows: group
+            ``g`` (rows ``g * R .. min((g + 1) * R, rows)``) is ``[itemsize, rows_g * F]``, the
+            groups one after another. ``None`` (or ``>= rows``): one group.
 
-    Returns ``out`` viewed as ``[itemsize, rows * F]`` if ``shuffle`` else ``[rows * F * itemsize]``.
+    Returns ``out`` viewed as ``[itemsize, rows * F]`` if ``shuffle`` with one group, else flat.
     """
+    if group_rows is not None and (isinstance(group_rows, bool) or not isinstance(group_rows, int) or group_rows < 1):
+        raise ValueError(f"group_rows must be None or a positive integer, got {group_rows!r}")
     rows = x.reshape(x.shape[0], -1)  # [tokens, F]
     if index is not None:
         rows = rows.index_select(0, index)  # [rows, F]
@@ -43,6 +50,16 @@ def pack_rows_torch(x: torch.Tensor, index: torch.Tensor | None, dtype: torch.dt
     if out.numel() != n_elems * itemsize or out.dtype != torch.uint8:
         raise ValueError(f"out must be uint8 with {n_elems * itemsize} bytes, got {out.dtype} with {out.numel()}")
     raw = rows.contiguous().view(torch.uint8).reshape(n_elems, itemsize)  # [rows * F, itemsize]
+    n_rows = rows.shape[0]
+    if shuffle and group_rows is not None and group_rows < n_rows:
+        f = rows.shape[1]
+        full = n_rows // group_rows
+        head = full * group_rows * f  # elements in full groups
+        out[: head * itemsize].view(full, itemsize, group_rows * f).copy_(
+            raw[:head].reshape(full, group_rows * f, itemsize).transpose(1, 2))
+        if head < n_elems:
+            out[head * itemsize :].view(itemsize, n_elems - head).copy_(raw[head:].t())
+        return out
     if shuffle:
         planes = out.view(itemsize, n_elems)
         planes.copy_(raw.t())
@@ -52,10 +69,10 @@ def pack_rows_torch(x: torch.Tensor, index: torch.Tensor | None, dtype: torch.dt
 
 
 def pack_rows(x: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype, out: torch.Tensor, shuffle: bool,
-              impl: str = "torch") -> torch.Tensor:
+              impl: str = "torch", group_rows: int | None = None) -> torch.Tensor:
     """Pack with the chosen implementation (``"torch"`` or ``"cuda"``)."""
     if impl == "cuda":
         from lightning_llm_inst.buffer import _backend
 
-        return _backend.pack_rows_cuda(x, index, dtype, out, shuffle)
-    return pack_rows_torch(x, index, dtype, out, shuffle)
+        return _backend.pack_rows_cuda(x, index, dtype, out, shuffle, group_rows)
+    return pack_rows_torch(x, index, dtype, out, shuffle, group_rows)

@@ -21,9 +21,9 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,18 @@ class _Forward:
     fired: dict[str, int] = field(default_factory=dict)
     pending: Callable[[], TokenSelection] | None = None
     """Selection still to be made (token ids on their way to the host), at the first hook."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a hook point's pack needs that does not change from forward to forward."""
+
+    dtype: torch.dtype
+    dtype_name: str
+    feature: tuple[int, ...]
+    row_elems: int
+    itemsize: int
+    fused: bool  # the extension's pack_copy takes it
 
 
 @dataclass
@@ -122,6 +134,17 @@ class CapturePipeline:
             copy_threads = min(8, max(1, (os.cpu_count() or 1) // 2)) if buffers.cuda else 1
         self._copies = ThreadPoolExecutor(copy_threads, thread_name_prefix="llm-inst-copy") if copy_threads > 1 \
             else None
+        self._layouts: dict[tuple, _Layout] = {}
+        self._group_rows: dict[str, int] = {}  # hook -> rows per packed group (the store's chunk rows)
+        self._to_store = isinstance(writer, StoreWriter)
+        self._events: Any = None  # extension events for the fused pack + copy
+        if buffers.cuda and impl == "cuda":
+            from lightning_llm_inst.buffer import _backend
+
+            self._backend = _backend
+            self._events = _backend.EventPool()
+            self._side_handle = buffers.side_stream.cuda_stream
+            self._host_base = buffers.host.buffer.data_ptr()
         self._drain = threading.Thread(target=self._drain_loop, name="llm-inst-drain", daemon=True)
         self._drain.start()
 
@@ -270,55 +293,91 @@ class CapturePipeline:
         sel = fwd.sel
         assert sel is not None
         b, t = sel.batch_size, sel.seq_len
-        if x.dim() >= 2 and x.shape[0] == b and x.shape[1] == t:
-            flat = x.reshape(b * t, *x.shape[2:]) if x.dim() > 2 else x.reshape(b * t, 1)
-        elif x.shape[0] == b * t:
-            flat = x
+        shape = x.shape
+        if len(shape) >= 2 and shape[0] == b and shape[1] == t:
+            feature = tuple(shape[2:]) or (1,)
+        elif shape[0] == b * t:
+            feature = tuple(shape[1:]) or (1,)
         else:
-            raise ValueError(f"hook point {hp.name!r}: output of shape {tuple(x.shape)} does not start with "
+            raise ValueError(f"hook point {hp.name!r}: output of shape {tuple(shape)} does not start with "
                              f"[batch, seq] = [{b}, {t}] (or [batch * seq])")
-        feature = tuple(flat.shape[1:])
-        dtype = self.storage_dtype or flat.dtype
-        dtype_name = str(dtype).removeprefix("torch.")
+        lay = self._layout(x, feature)
         index = None if sel.all_rows else sel.index
-        row_elems = int(np.prod(feature, dtype=np.int64))
-        itemsize = torch.empty((), dtype=dtype).element_size()
         rows = sel.rows
-        per_part = max(1, self.buffers.max_slice // max(1, row_elems * itemsize))
+        row_bytes = lay.row_elems * lay.itemsize
+        per_part = max(1, self.buffers.max_slice // max(1, row_bytes))
+        group = self._groups_of(hp.name) if self.shuffle else None
+        if group is not None and per_part > group:  # parts of whole groups: each starts a chunk
+            per_part -= per_part % group
         with torch.no_grad():
             for a in range(0, rows, per_part) if rows else [0]:
                 n = min(per_part, rows - a)
-                part_index = index[a : a + n] if index is not None else (
-                    None if n == rows else torch.arange(a, a + n, device=flat.device))
-                self._pack_part(hp.name, flat, part_index, dtype, dtype_name, feature, n * row_elems * itemsize)
+                if n == rows:
+                    part_index = index
+                else:
+                    part_index = index[a : a + n] if index is not None else torch.arange(a, a + n, device=x.device)
+                self._pack_part(hp.name, x, b * t, part_index, lay, n * row_bytes, group)
         fwd.fired[hp.name] = fwd.fired.get(hp.name, 0) + 1
         self._counters.hook_calls += 1
-        self._counters.bytes_packed += rows * row_elems * itemsize
+        self._counters.bytes_packed += rows * row_bytes
         self._counters.hook_s += time.perf_counter() - t0
 
-    def _pack_part(self, hook: str, flat: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype,
-                   dtype_name: str, feature: tuple[int, ...], nbytes: int) -> None:
+    def _layout(self, x: torch.Tensor, feature: tuple[int, ...]) -> _Layout:
+        key = (x.dtype, x.is_cuda, feature)
+        lay = self._layouts.get(key)
+        if lay is None:
+            dtype = self.storage_dtype or x.dtype
+            row_elems = int(np.prod(feature, dtype=np.int64))
+            fused = self._events is not None and self._backend.fused_eligible(x, dtype, row_elems)
+            lay = self._layouts[key] = _Layout(dtype, str(dtype).removeprefix("torch."), feature, row_elems,
+                                               dtype.itemsize, fused)
+        return lay
+
+    def _groups_of(self, hook: str) -> int | None:
+        """Rows per packed group for ``hook``: the store's chunk rows once its schema exists, so
+        the writer can compress every whole chunk where it lies; before that, one group."""
+        if not self._to_store:
+            return None
+        r = self._group_rows.get(hook)
+        if r is None:
+            r = self.writer.chunk_rows(hook)
+            if r is None:
+                return None
+            self._group_rows[hook] = r
+        return r
+
+    def _pack_part(self, hook: str, x: torch.Tensor, tokens: int, index: torch.Tensor | None, lay: _Layout,
+                   nbytes: int, group: int | None) -> None:
         bufs = self.buffers
         self._counters.slices += 1
         host = bufs.host.alloc(nbytes) if nbytes else None
+        if lay.fused and host is not None:
+            dev = bufs.device_ring.alloc(nbytes)  # type: ignore[union-attr]
+            events = self._events
+            packed, copied = events.get(), events.get()
+            self._backend.pack_copy(x, tokens, index, lay.dtype, dev.ring.buffer, dev.offset, nbytes, self.shuffle,
+                                    group, self._host_base + host.offset, self._side_handle, packed, copied)
+            self._commands.put(("add", hook, (packed, copied), dev, host, lay, group))
+            return
+        flat = x.reshape(tokens, *lay.feature)
         if not bufs.cuda:
             out = host.view() if host is not None else torch.empty(0, dtype=torch.uint8)
-            pack_rows(flat, index, dtype, out, self.shuffle, impl="torch")
-            self._commands.put(("add", hook, None, None, host, dtype_name, feature))
+            pack_rows(flat, index, lay.dtype, out, self.shuffle, impl="torch")
+            self._commands.put(("add", hook, None, None, host, lay, None))
             return
         dev = bufs.device_ring.alloc(nbytes) if nbytes else None  # type: ignore[union-attr]
         out = dev.view() if dev is not None else torch.empty(0, dtype=torch.uint8, device=flat.device)
-        pack_rows(flat, index, dtype, out, self.shuffle, impl=self.impl)
+        pack_rows(flat, index, lay.dtype, out, self.shuffle, impl=self.impl, group_rows=group)
         event = None
         if nbytes:
-            packed = torch.cuda.Event()
-            packed.record()
+            packed_ev = torch.cuda.Event()
+            packed_ev.record()
             event = torch.cuda.Event()
             with torch.cuda.stream(bufs.side_stream):
-                bufs.side_stream.wait_event(packed)
+                bufs.side_stream.wait_event(packed_ev)
                 host.view().copy_(dev.view(), non_blocking=True)  # type: ignore[union-attr]
                 event.record(bufs.side_stream)
-        self._commands.put(("add", hook, event, dev, host, dtype_name, feature))
+        self._commands.put(("add", hook, event, dev, host, lay, group))
 
     def end_forward(self) -> None:
         fwd = self._forward
@@ -364,15 +423,19 @@ class CapturePipeline:
                 return
             try:
                 if kind == "add":
-                    _, hook, event, dev, host, dtype_name, feature = cmd
-                    if event is not None:
+                    _, hook, event, dev, host, lay, group = cmd
+                    if isinstance(event, tuple):  # extension events: (packed, copied)
+                        self._events.synchronize(event[1])
+                        self._events.put(event[0])
+                        self._events.put(event[1])
+                    elif event is not None:
                         event.synchronize()
                     if dev is not None:
                         dev.ring.free(dev)
                     if self._copies is None or self._error is not None:
-                        self._copy(hook, host, dtype_name, feature, None)
+                        self._copy(hook, host, lay, group, None)
                     else:
-                        fut = self._copies.submit(self._copy, hook, host, dtype_name, feature, last.get(hook))
+                        fut = self._copies.submit(self._copy, hook, host, lay, group, last.get(hook))
                         last[hook] = fut
                         pending.append(fut)
                     continue
@@ -396,7 +459,7 @@ class CapturePipeline:
                     if cmd[2]:
                         w.flush()
                     cmd[1].set()
-            except BaseException as exc:  # noqa: BLE001 - raised in the model's thread
+            except BaseException as exc:
                 self._fail(exc)
                 if kind == "add":
                     for sl in (cmd[3], cmd[4]):
@@ -408,31 +471,45 @@ class CapturePipeline:
                 for fut in pending:
                     try:
                         fut.result()
-                    except BaseException:  # noqa: BLE001 - the first error is the one kept
+                    except BaseException:
                         pass
                 pending.clear()
                 last.clear()
                 if kind == "sync":
                     cmd[1].set()
 
-    def _copy(self, hook: str, host: Slice | None, dtype_name: str, feature: tuple[int, ...],
-              after: Future | None) -> None:
-        """Hand one host slice to the writer (which copies it into chunk buffers), then free it."""
+    def _copy(self, hook: str, host: Slice | None, lay: _Layout, group: int | None, after: Future | None) -> None:
+        """Hand one host slice to the writer, which copies it into chunk buffers or -- whole
+        chunks packed as groups -- compresses it where it lies; the slice is freed once the
+        writer is done with it."""
+        handed = False  # the store writer frees the slice (``release``) once it is done with it
+
+        def release() -> None:
+            if host is not None:
+                host.ring.free(host)
+
         try:
             if after is not None:
                 after.result()  # the previous part of this hook point first
             if self._error is None:
                 data = host.view().numpy() if host is not None else np.empty(0, np.uint8)
-                if self.shuffle:
-                    self.writer.add_packed(hook, data.reshape(_itemsize(dtype_name), -1), dtype_name, feature)
+                handed = self._to_store
+                if self.shuffle and self._to_store:
+                    planes = data if group is not None else data.reshape(lay.itemsize, -1)
+                    self.writer.add_packed(hook, planes, lay.dtype_name, lay.feature, group_rows=group,
+                                           release=release)
+                elif self.shuffle:
+                    self.writer.add_packed(hook, data.reshape(lay.itemsize, -1), lay.dtype_name, lay.feature)
+                elif self._to_store:
+                    self.writer.add(hook, _rows_view(data, lay.dtype_name, lay.feature), release=release)
                 else:
-                    self.writer.add(hook, _rows_view(data, dtype_name, feature))
-        except BaseException as exc:  # noqa: BLE001
+                    self.writer.add(hook, _rows_view(data, lay.dtype_name, lay.feature))
+        except BaseException as exc:
             self._fail(exc)
             raise
         finally:
-            if host is not None:
-                host.ring.free(host)
+            if not handed:
+                release()  # a sink is done with the rows when its call returns
 
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
@@ -468,6 +545,8 @@ class CapturePipeline:
         try:
             self.writer.close()
         finally:
+            if self._events is not None:
+                self._events.close()
             self.buffers.release()
             if self._error is not None:
                 raise self._error
@@ -499,10 +578,6 @@ def _to_pinned(t: torch.Tensor) -> torch.Tensor:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t.detach(), non_blocking=True)
     return host
-
-
-def _itemsize(dtype_name: str) -> int:
-    return torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
 
 
 def _rows_view(data: np.ndarray, dtype_name: str, feature: tuple[int, ...]) -> Any:

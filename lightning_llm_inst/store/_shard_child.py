@@ -12,6 +12,7 @@ written) or, for chunks too large for it, follow their header on stdin.
 Frame: 4-byte little-endian header length, the JSON header, then ``header["size"]`` payload bytes.
 """
 
+import contextlib
 import json
 import os
 import struct
@@ -102,10 +103,8 @@ def main() -> None:
                 reply(fout, {"ok": error is None, **_describe(error)})
             elif op == "abort":
                 if f is not None:
-                    try:
+                    with contextlib.suppress(Exception):  # a broken file is deleted anyway
                         f.close()
-                    except Exception:  # noqa: BLE001 - a broken file is deleted anyway
-                        pass
                     f = None
                 if tmp is not None:
                     try:

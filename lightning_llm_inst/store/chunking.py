@@ -96,8 +96,7 @@ class ByteBudget:
 
     def _take(self, n: int) -> None:
         self.held += n
-        if self.held > self.peak:
-            self.peak = self.held
+        self.peak = max(self.peak, self.held)
 
     def release(self, n: int) -> None:
         with self._cond:

@@ -1,7 +1,8 @@
 """The open shard: where the writer thread puts compressed chunks, and how a shard is committed.
 
 Stage: the writer thread of :class:`~lightning_llm_inst.store.writer.StoreWriter`. An
-:class:`OpenShard` is ``shard-NNNNNN.h5.tmp`` while it is filled; :meth:`OpenShard.close_file`
+:class:`OpenShard` is ``shard-NNNNNN.h5.tmp`` while it is filled (one chunk at a time, or a
+writer job's run of chunks with one resize); :meth:`OpenShard.close_file`
 writes its checksums and row count and closes it; :meth:`OpenShard.publish` (on the
 committer thread, while the writer fills the next shard) fsyncs and renames it to
 ``shard-NNNNNN.h5``.
@@ -10,6 +11,7 @@ The manifest is updated by the writer after that, so a reader never sees a parti
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,21 @@ class OpenShard:
         ds.id.write_direct_chunk((start,) + (0,) * len(col.feature_shape), data)
         self.chunks[col.key][chunk_index] = (crc, memoryview(data).nbytes, valid_rows * col.row_bytes)
 
+    def write_chunks(self, col: Column, first_index: int, valid_rows: list[int], datas: list[Any],
+                     crcs: list[int]) -> None:
+        """Write consecutive chunks ``first_index, first_index + 1, ...`` of ``col`` (a job of
+        the writer): the dataset is resized once, then each chunk is written as it is."""
+        ds = self.datasets[col.key]
+        step = col.chunk_rows
+        end = max((first_index + i) * step + v for i, v in enumerate(valid_rows)) if valid_rows else 0
+        if ds.shape[0] < end:
+            ds.resize(end, axis=0)
+        rest = (0,) * len(col.feature_shape)
+        table = self.chunks[col.key]
+        for i, (valid, data, crc) in enumerate(zip(valid_rows, datas, crcs, strict=True)):
+            ds.id.write_direct_chunk(((first_index + i) * step, *rest), data)
+            table[first_index + i] = (crc, memoryview(data).nbytes, valid * col.row_bytes)
+
     def truncate(self, col: Column, chunk_index: int) -> None:
         """Forget chunks ``chunk_index`` and after (an aborted batch). The cut is on a chunk
         boundary, so HDF5 drops whole chunks and never has to re-filter one."""
@@ -99,10 +116,8 @@ class OpenShard:
 
     def abort(self) -> None:
         """Close and delete the temporary file (after an error)."""
-        try:
+        with contextlib.suppress(Exception):  # closing a broken file must not hide the first error
             self.file.close()
-        except Exception:  # noqa: BLE001 - closing a broken file must not hide the first error
-            pass
         try:
             self.tmp.unlink()
         except OSError:

@@ -231,6 +231,12 @@ class ProcessShard:
                            "offset": [start] + [0] * len(col.feature_shape)}, data)
         self.chunks[col.key][chunk_index] = (crc, memoryview(data).nbytes, valid_rows * col.row_bytes)
 
+    def write_chunks(self, col: Column, first_index: int, valid_rows: list[int], datas: list[Any],
+                     crcs: list[int]) -> None:
+        """Write consecutive chunks from ``first_index`` (a job of the writer), in order."""
+        for i, (valid, data, crc) in enumerate(zip(valid_rows, datas, crcs, strict=True)):
+            self.write_chunk(col, first_index + i, valid, data, crc)
+
     def truncate(self, col: Column, chunk_index: int) -> None:
         rows = chunk_index * col.chunk_rows
         if self.lengths[col.key] > rows:

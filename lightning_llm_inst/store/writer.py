@@ -6,6 +6,15 @@ compression threads (lz4 / zstd / crc32 release the GIL); one writer thread owns
 shard (:mod:`.shard`), writes each pre-compressed chunk with ``write_direct_chunk`` in
 order, and commits the shard (close, fsync, rename, then the manifest replaced atomically).
 
+Zero-copy path: rows given with a ``release`` callback whose full chunks already lie in the
+caller's memory in stored order (byte planes grouped per chunk, :meth:`StoreWriter.add_packed`
+with ``group_rows`` equal to the column's chunk rows, or C-contiguous row-major rows for a
+column without byte planes) are not copied. The full chunks of one call become one *job*:
+compressed in one call (zstd: native threads, the GIL released throughout) or in a few
+sub-batches on the worker pool (lz4, none), then written by the writer thread in one go. The
+caller's ``release`` runs once the writer no longer reads that memory. Chunk indices, order,
+rollback (:meth:`~StoreWriter.abort_batch`) and the bytes on disk are those of the copying path.
+
 A batch is given whole (:meth:`StoreWriter.append`) or hook by hook as a model runs
 (:meth:`~StoreWriter.begin_batch`, :meth:`~StoreWriter.add`, :meth:`~StoreWriter.end_batch`,
 :meth:`~StoreWriter.abort_batch`), so no batch needs to be staged in full. A shard holds whole
@@ -27,12 +36,13 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -60,6 +70,9 @@ from lightning_llm_inst.store.format import (
 from lightning_llm_inst.store.shard import OpenShard
 from lightning_llm_inst.store.shard_process import ProcessShard, ShardProcess
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 __all__ = ["StoreWriter"]
 
 log = logging.getLogger(__name__)
@@ -86,6 +99,9 @@ class _Stats:
     compress_s: float = 0.0
     write_s: float = 0.0
     commit_s: float = 0.0
+    zero_copy_chunks: int = 0  # chunks compressed where they lie in the caller's memory
+    copied_chunks: int = 0  # chunks assembled in the writer's chunk buffers
+    jobs: int = 0  # zero-copy jobs (one per add with at least one full chunk)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -94,8 +110,49 @@ class _Batch:
     rows: int
     dropped: bool = False
     added: dict[str, int] = field(default_factory=dict)  # hook -> rows added so far
-    staged: dict[str, list[tuple[np.ndarray, str, bool]]] = field(default_factory=dict)  # first batch only
+    # first batch only: hook -> parts (array, dtype, byte planes?, feature shape)
+    staged: dict[str, list[tuple[np.ndarray, str, bool, tuple[int, ...]]]] = field(default_factory=dict)
     tokens: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)
+
+
+class _Release:
+    """The caller's ``release`` callback for the memory of one add, called exactly once: when
+    the last holder lets go. The caller's thread holds it for the length of the add; a
+    zero-copy job holds it until its chunks are written or discarded. An exception from the
+    callback is logged and becomes the writer's error."""
+
+    __slots__ = ("_fn", "_holders", "_hook", "_lock", "_writer")
+
+    def __init__(self, fn: Callable[[], Any], writer: StoreWriter, hook: str) -> None:
+        self._fn, self._writer, self._hook = fn, writer, hook
+        self._holders = 1
+        self._lock = threading.Lock()
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holders += 1
+
+    def __call__(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders != 0:
+                return
+        try:
+            self._fn()
+        except Exception as exc:  # noqa: BLE001 - becomes the writer's error
+            self._writer._release_failed(exc, self._hook)
+
+
+def _groups(flat: np.ndarray, n: int, group_rows: int, itemsize: int, elems: int) -> list[np.ndarray]:
+    """Views of the groups of a grouped byte-plane buffer, each ``[itemsize, rows_g * F]``."""
+    if n == 0:
+        return [flat[:0].reshape(itemsize, 0)]
+    out = []
+    for start in range(0, n, group_rows):
+        rows = min(group_rows, n - start)
+        a = start * elems * itemsize
+        out.append(flat[a : a + rows * elems * itemsize].reshape(itemsize, rows * elems))
+    return out
 
 
 class StoreWriter:
@@ -199,6 +256,8 @@ class StoreWriter:
                 raise
 
         self._workers = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="llm-inst-compress")
+        # zstd jobs: each runs num_workers native threads, so only a few at a time
+        self._jobs = ThreadPoolExecutor(max_workers=min(4, num_workers), thread_name_prefix="llm-inst-job")
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._commits: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._writer_loop, name="llm-inst-writer", daemon=True)
@@ -413,7 +472,7 @@ class StoreWriter:
             return False
         try:
             for name, (arr, dt) in acts.items():
-                self._add(name, arr, dt, False, arr.shape[0])
+                self._add(name, dt, arr.shape[0], tuple(int(x) for x in arr.shape[1:]), False, [arr])
             self.end_batch()
         except BaseException:
             if self._batch is not None:
@@ -445,34 +504,106 @@ class StoreWriter:
                 self._feed(self._tokens[name], arr)
         return True
 
-    def add(self, hook: str, value: Any) -> None:
+    def add(self, hook: str, value: Any, *, release: Callable[[], Any] | None = None) -> None:
         """Add rows ``[n, *feature_shape]`` of one hook point to the open batch. A hook point
-        may come in several consecutive parts; by :meth:`end_batch` each must have all rows."""
-        if self._open_for(hook):
-            arr, dt = self._convert_activation(hook, value)
-            self._add(hook, arr, dt, False, arr.shape[0])
+        may come in several consecutive parts; by :meth:`end_batch` each must have all rows.
 
-    def add_packed(self, hook: str, planes: Any, dtype: str, feature_shape: tuple[int, ...]) -> None:
-        """Like :meth:`add`, for rows already in byte-plane order: ``planes`` is uint8
-        ``[itemsize, n * prod(feature_shape)]`` holding byte ``b`` of every element in row ``b``
-        (the HDF5 shuffle order of these rows). With a shuffling codec the writer then only
-        copies byte runs; the CPU never shuffles."""
-        if not self._open_for(hook):
-            return
-        check_name(hook, "hook point")
-        if dtype not in ACTIVATION_DTYPES:
-            raise TypeError(f"hook point {hook!r}: dtype {dtype!r} is not one of {', '.join(ACTIVATION_DTYPES)}")
-        arr, pdt = as_numpy(planes, f"packed rows of {hook!r}", {"uint8": "|u1"})
-        feature_shape = tuple(int(x) for x in feature_shape)
-        itemsize = np.dtype(ACTIVATION_DTYPES[dtype]).itemsize
-        elems = int(np.prod(feature_shape, dtype=np.int64))
-        if arr.ndim != 2 or arr.shape[0] != itemsize or (elems and arr.shape[1] % elems):
-            raise ValueError(f"packed rows of {hook!r} must be uint8 [{itemsize}, rows * {elems}] for {dtype} "
-                             f"{feature_shape}, got {tuple(arr.shape)}")
-        if self._columns is not None:
-            self._check_column(self._hooks[hook], np.empty((0, *feature_shape)), dtype, "hook point") \
-                if hook in self._hooks else self._convert_activation(hook, np.empty((0, *feature_shape)))
-        self._add(hook, arr, dtype, True, arr.shape[1] // elems if elems else 0, feature_shape)
+        Without ``release`` the rows are copied before this returns. With ``release`` (a cheap
+        zero-argument callable that does not raise), full chunks of C-contiguous rows may be
+        compressed and written straight from ``value``'s memory, which must then stay
+        unchanged until ``release`` is called; see :meth:`add_packed` for when it is called.
+        """
+        done = self._release_handle(release, hook)
+        try:
+            if self._open_for(hook):
+                arr, dt = self._convert_activation(hook, value)
+                flat = arr.reshape(-1).view(np.uint8) if arr.flags.c_contiguous else None
+                self._add(hook, dt, arr.shape[0], tuple(int(x) for x in arr.shape[1:]), False, [arr], flat, None,
+                          done)
+        finally:
+            if done is not None:
+                done()  # the caller's share; a job still writing from this memory holds its own
+
+    def add_packed(self, hook: str, planes: Any, dtype: str, feature_shape: tuple[int, ...], *,
+                   group_rows: int | None = None, release: Callable[[], Any] | None = None) -> None:
+        """Like :meth:`add`, for rows already in byte-plane order (the HDF5 shuffle order).
+
+        With ``group_rows=None``, ``planes`` is uint8 ``[itemsize, n * prod(feature_shape)]``
+        (or the same bytes, flat) holding byte ``b`` of every element in row ``b``: one group.
+        With ``group_rows=R``, ``planes`` is one C-contiguous uint8 buffer (any shape) of
+        ``n * prod(feature_shape) * itemsize`` bytes holding consecutive groups: group ``g``
+        covers rows ``g * R .. min((g + 1) * R, n)`` and is laid out as planes
+        ``[itemsize, rows_g * F]``; ``n`` follows from the byte count. With a shuffling codec
+        the CPU never shuffles; the writer copies byte runs, or nothing.
+
+        Release contract: ``release`` (optional, a cheap zero-argument callable that does not
+        raise) is called exactly once, when the writer will no longer read ``planes``:
+
+        * on the caller's thread before this returns, when the rows were copied (the copying
+          path), the batch is dropped (``on_full="drop"``), or the call is rejected -- if this
+          raises before any chunk was handed to the writer, ``release`` has been called;
+        * otherwise on a writer thread, once every zero-copy chunk of the call is written or
+          discarded (writer failure, aborted batch, close) -- also when this call raises after
+          handing chunks over; it is never called while a worker may still read the memory.
+
+        Zero-copy applies when the hook point's schema is known, its chunks hold byte planes,
+        ``group_rows`` (or ``n`` for one group) equals :meth:`chunk_rows` and the hook point's
+        open chunk is empty; the full groups are then compressed where they lie and rows after
+        the last full group are copied. An exception from ``release`` is logged and becomes
+        the writer's error.
+        """
+        done = self._release_handle(release, hook)
+        try:
+            if group_rows is not None and (isinstance(group_rows, bool) or not isinstance(group_rows, int)
+                                           or group_rows < 1):
+                raise ValueError(f"group_rows must be None or a positive integer, got {group_rows!r}")
+            if not self._open_for(hook):
+                return
+            check_name(hook, "hook point")
+            if dtype not in ACTIVATION_DTYPES:
+                raise TypeError(f"hook point {hook!r}: dtype {dtype!r} is not one of {', '.join(ACTIVATION_DTYPES)}")
+            arr, _ = as_numpy(planes, f"packed rows of {hook!r}", {"uint8": "|u1"})
+            feature_shape = tuple(int(x) for x in feature_shape)
+            itemsize = np.dtype(ACTIVATION_DTYPES[dtype]).itemsize
+            elems = int(np.prod(feature_shape, dtype=np.int64))
+            if group_rows is None and arr.ndim != 1:
+                if arr.ndim != 2 or arr.shape[0] != itemsize or (elems and arr.shape[1] % elems):
+                    raise ValueError(f"packed rows of {hook!r} must be uint8 [{itemsize}, rows * {elems}] for "
+                                     f"{dtype} {feature_shape}, got {tuple(arr.shape)}")
+                n = arr.shape[1] // elems if elems else 0
+                groups, flat, group_rows = [arr], (arr.reshape(-1) if arr.flags.c_contiguous else None), n
+            else:  # groups, or one group given flat
+                if not arr.flags.c_contiguous:
+                    raise ValueError(f"packed rows of {hook!r} with group_rows={group_rows} must be one C-contiguous "
+                                     f"buffer, got shape {tuple(arr.shape)} with strides {arr.strides}")
+                flat = arr.reshape(-1)
+                row_bytes = elems * itemsize
+                if flat.size % max(1, row_bytes) or (not row_bytes and flat.size):
+                    raise ValueError(f"packed rows of {hook!r} hold {flat.size} bytes, not a whole number of "
+                                     f"{dtype} {feature_shape} rows of {row_bytes} bytes")
+                n = flat.size // row_bytes if row_bytes else 0
+                group_rows = group_rows or max(1, n)
+                groups = _groups(flat, n, group_rows, itemsize, elems)
+            if self._columns is not None:
+                self._check_column(self._hooks[hook], np.empty((0, *feature_shape)), dtype, "hook point") \
+                    if hook in self._hooks else self._convert_activation(hook, np.empty((0, *feature_shape)))
+            self._add(hook, dtype, n, feature_shape, True, groups, flat, group_rows, done)
+        finally:
+            if done is not None:
+                done()  # the caller's share; a job still writing from this memory holds its own
+
+    def chunk_rows(self, hook: str) -> int | None:
+        """Rows per HDF5 chunk of ``hook`` (the ``group_rows`` that makes :meth:`add_packed`
+        zero-copy), or None while the schema is not known (before the first batch ends)."""
+        c = self._hooks.get(hook)
+        return c.chunk_rows if c is not None else None
+
+    def _release_handle(self, release: Callable[[], Any] | None, hook: str) -> _Release | None:
+        if release is None:
+            return None
+        if not callable(release):
+            raise TypeError(f"release must be None or a zero-argument callable, got {type(release).__name__}")
+        return _Release(release, self, hook)
 
     def _open_for(self, hook: str) -> bool:
         self._raise_if_unusable()
@@ -481,8 +612,14 @@ class StoreWriter:
             raise RuntimeError(f"add({hook!r}) outside a batch; call begin_batch(rows) first")
         return not b.dropped
 
-    def _add(self, hook: str, arr: np.ndarray, dt: str, planes: bool, n: int,
-             feature_shape: tuple[int, ...] | None = None) -> None:
+    def _add(self, hook: str, dt: str, n: int, shape: tuple[int, ...], planes: bool, parts: list[np.ndarray],
+             flat: np.ndarray | None = None, group_rows: int | None = None, done: _Release | None = None) -> None:
+        """Add ``n`` rows of ``hook`` given as ``parts`` (rows, or byte planes), in order.
+
+        ``flat`` is the same rows as one contiguous uint8 buffer in chunk order (row-major, or
+        byte planes grouped per ``group_rows`` rows) when they are laid out so; with ``done``
+        (the caller's release), its full chunks may then go to a zero-copy job.
+        """
         b = self._batch
         assert b is not None
         have = b.added.get(hook, 0)
@@ -492,14 +629,21 @@ class StoreWriter:
             raise ValueError(f"hook point {hook!r} has {have + n} rows; the batch has {b.rows}")
         b.added[hook] = have + n
         if self._columns is None:  # the first batch defines the schema: keep a copy until it ends
-            shape = feature_shape if planes else tuple(int(x) for x in arr.shape[1:])
-            parts = b.staged.setdefault(hook, [])
-            if parts and (parts[0][1], parts[0][3]) != (dt, shape):
+            staged = b.staged.setdefault(hook, [])
+            if staged and (staged[0][1], staged[0][3]) != (dt, shape):
                 raise ValueError(f"hook point {hook!r}: part with dtype {dt} {shape} differs from the first part's "
-                                 f"{parts[0][1]} {parts[0][3]}")
-            parts.append((np.array(arr, copy=True), dt, planes, shape))
-        else:
-            self._feed(self._hooks[hook], arr, planes)
+                                 f"{staged[0][1]} {staged[0][3]}")
+            staged.extend((np.array(p, copy=True), dt, planes, shape) for p in parts)
+            return
+        c = self._hooks[hook]
+        if done is not None and flat is not None and c.planes == planes and c.filled == 0 and c.buf is None \
+                and n >= c.chunk_rows and (not planes or group_rows == c.chunk_rows):
+            k = n // c.chunk_rows
+            self._start_job(c, flat, k, done)
+            # what is left is under one chunk of rows: it opens a chunk buffer and queues nothing
+            parts = parts[k:] if planes else [parts[0][k * c.chunk_rows :]]
+        for p in parts:
+            self._feed(c, p, planes)
 
     def end_batch(self) -> None:
         """Close the open batch; every hook point must have been added."""
@@ -646,6 +790,38 @@ class StoreWriter:
         self._queue.put(("chunk", c, c.chunk_index, valid, fut))
         c.buf, c.filled = None, 0
         c.chunk_index += 1
+        self._stats.copied_chunks += 1
+
+    def _start_job(self, c: Column, flat: np.ndarray, k: int, done: _Release) -> None:
+        """Hand the first ``k`` full chunks of ``flat`` (the caller's memory, in stored order)
+        to the compressors as one job and queue it for the writer thread; nothing is copied.
+        zstd compresses them in one call on up to ``num_workers`` native threads (on the job
+        pool); other codecs split them into up to ``num_workers`` sub-batches on the workers."""
+        size = c.chunk_bytes
+        views = [flat[i * size : (i + 1) * size] for i in range(k)]  # [chunk_bytes] each
+        itemsize, shuffled = c.storage.itemsize, c.planes
+        # stored bytes made by the codec are counted; "none" stores the caller's memory itself
+        owned = self.codec.name != "none" or (self.codec.shuffle and not shuffled)
+        if self.codec.name == "zstd":
+            futs = [self._run(self._jobs, views, itemsize, shuffled, min(k, self.num_workers), owned)]
+        else:
+            step = -(-k // min(k, self.num_workers))
+            futs = [self._run(self._workers, views[i : i + step], itemsize, shuffled, 1, owned)
+                    for i in range(0, k, step)]
+        done.hold()
+        self._queue.put(("job", c, c.chunk_index, [c.chunk_rows] * k, futs, done))
+        c.chunk_index += k
+        self._stats.jobs += 1
+        self._stats.zero_copy_chunks += k
+
+    def _run(self, pool: ThreadPoolExecutor, views: list[np.ndarray], itemsize: int, shuffled: bool, threads: int,
+             owned: bool) -> Future:
+        try:
+            return pool.submit(self._compress_many, views, itemsize, shuffled, threads, owned)
+        except RuntimeError:  # the pool is shut at interpreter exit: compress here
+            fut: Future = Future()
+            fut.set_result(self._compress_many(views, itemsize, shuffled, threads, owned))
+            return fut
 
     def _end_shard(self) -> None:
         for c in self._columns:  # type: ignore[union-attr]
@@ -670,6 +846,19 @@ class StoreWriter:
             self._pool.put(buf)
         return data, crc, time.perf_counter() - t0, after_write
 
+    def _compress_many(self, views: list[np.ndarray], itemsize: int, shuffled: bool, threads: int,
+                       owned: bool) -> tuple[list[Any], list[int], float, int]:
+        """Encode chunks that lie in the caller's memory (job or worker thread). Returns the
+        stored bytes, their CRC32s, the time taken and the bytes counted in the budget until
+        they are written (``owned``: the codec made them)."""
+        t0 = time.perf_counter()
+        datas = self.codec.encode_many(views, itemsize, shuffled=shuffled, threads=threads)
+        crcs = [zlib.crc32(d) for d in datas]
+        held = sum(memoryview(d).nbytes for d in datas) if owned else 0
+        if held:
+            self._budget.force(held)
+        return datas, crcs, time.perf_counter() - t0, held
+
     # ------------------------------------------------------------------ writer thread
     def _writer_loop(self) -> None:
         shard: OpenShard | None = None
@@ -688,24 +877,38 @@ class StoreWriter:
                 if self._error is not None:  # failed: drain, freeing what was held
                     if kind == "chunk":
                         self._discard(item[4])
+                    elif kind == "job":
+                        self._discard_job(item[4], item[5])
                     continue
                 if kind == "chunk":
                     _, col, chunk_index, valid, fut = item
                     data, crc, dt, after_write = fut.result()
                     self._stats.compress_s += dt
                     if shard is None:
-                        if self._shard_process is not None:
-                            shard = ProcessShard(self.directory, index, self._columns,  # type: ignore[arg-type]
-                                                 self.codec, self._shard_attrs(index), self._shard_process)
-                        else:
-                            shard = OpenShard(self.directory, index, self._columns,  # type: ignore[arg-type]
-                                              self.codec, self._shard_attrs(index))
+                        shard = self._open_shard(index)
                     t0 = time.perf_counter()
                     shard.write_chunk(col, chunk_index, valid, data, crc)
                     self._stats.write_s += time.perf_counter() - t0
                     self._budget.release(memoryview(data).nbytes)
                     if after_write is not None:
                         self._pool.put(after_write)
+                elif kind == "job":  # the caller's memory is released once written (or on failure)
+                    _, col, first, valid, futs, done = item
+                    try:
+                        results = self._gather(futs)
+                        held = sum(r[3] for r in results)
+                        try:
+                            self._stats.compress_s += sum(r[2] for r in results)
+                            if shard is None:
+                                shard = self._open_shard(index)
+                            t0 = time.perf_counter()
+                            shard.write_chunks(col, first, valid, [d for r in results for d in r[0]],
+                                               [x for r in results for x in r[1]])
+                            self._stats.write_s += time.perf_counter() - t0
+                        finally:
+                            self._budget.release(held)
+                    finally:
+                        done()
                 elif kind == "truncate":
                     if shard is not None:
                         shard.truncate(item[1], item[2])
@@ -726,6 +929,45 @@ class StoreWriter:
                 if kind == "chunk":
                     self._discard(item[4])
                 self._set_error(exc, where)
+
+    def _open_shard(self, index: int) -> OpenShard | ProcessShard:
+        if self._shard_process is not None:
+            return ProcessShard(self.directory, index, self._columns,  # type: ignore[arg-type]
+                                self.codec, self._shard_attrs(index), self._shard_process)
+        return OpenShard(self.directory, index, self._columns, self.codec,  # type: ignore[arg-type]
+                         self._shard_attrs(index))
+
+    def _gather(self, futs: list[Future]) -> list[tuple[list[Any], list[int], float, int]]:
+        """Results of a job's sub-batches, once every one has finished (so none still reads
+        the caller's memory); on an error the budget they hold is released and it is raised."""
+        results, error = [], None
+        for fut in futs:
+            try:
+                results.append(fut.result())
+            except BaseException as exc:  # noqa: BLE001 - raised below, after the others finished
+                error = error or exc
+        if error is not None:
+            self._budget.release(sum(r[3] for r in results))
+            raise error
+        return results
+
+    def _discard_job(self, futs: list[Future], done: _Release) -> None:
+        try:
+            results = self._gather(futs)  # on an error it has released what the others held
+        except BaseException:  # noqa: BLE001 - the first error is the one reported
+            results = []
+        self._budget.release(sum(r[3] for r in results))
+        done()
+
+    def _release_failed(self, exc: Exception, hook: str) -> None:
+        """An exception from a caller's ``release`` callback: logged, and the writer's error."""
+        if self._error is None:
+            err = StoreWriteError(f"the release callback given with hook point {hook!r} raised "
+                                  f"{type(exc).__name__}: {exc}", self.directory)
+            err.__cause__ = exc
+            self._error = err
+            log.error("%s", err)
+        self._budget.fail()
 
     def _discard(self, fut: Future) -> None:
         try:
@@ -850,6 +1092,7 @@ class StoreWriter:
             self._thread.join()
             self._committer.join()
             self._workers.shutdown(wait=True)
+            self._jobs.shutdown(wait=True)
             if self._shard_process is not None:
                 self._shard_process.close()
             self._release_lock()
@@ -871,10 +1114,11 @@ class StoreWriter:
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
-    def __enter__(self) -> StoreWriter:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -894,7 +1138,8 @@ class StoreWriter:
         return self._error is not None
 
     def stats(self) -> dict[str, Any]:
-        """Counters of this writer session: rows, bytes, ratio, time blocked, dropped, rates."""
+        """Counters of this writer session: rows, bytes, ratio, time blocked, dropped, rates,
+        and chunks by path (``zero_copy_chunks`` in ``jobs``, ``copied_chunks``)."""
         s = self._stats
         elapsed = time.perf_counter() - s.started
         return {
@@ -914,6 +1159,9 @@ class StoreWriter:
             "compress_s": s.compress_s,
             "write_s": s.write_s,
             "commit_s": s.commit_s,
+            "zero_copy_chunks": s.zero_copy_chunks,
+            "copied_chunks": s.copied_chunks,
+            "jobs": s.jobs,
             "elapsed_s": elapsed,
             "write_rate_bytes_per_s": s.raw_bytes_committed / elapsed if elapsed > 0 else 0.0,
         }

@@ -37,6 +37,31 @@ def test_pack_torch_bytes(in_dtype, out_dtype, shuffle):
     assert view.shape == ((itemsize, 6 * 45) if shuffle else (6 * 45 * itemsize,))
 
 
+def _grouped_reference(x: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype, group: int) -> bytes:
+    """Each group of ``group`` rows shuffled on its own, the groups one after another."""
+    rows = x.reshape(x.shape[0], -1)
+    if index is not None:
+        rows = rows[index]
+    rows = rows.to(dtype).contiguous()
+    return b"".join(_reference(rows[a : a + group], None, dtype, True) for a in range(0, rows.shape[0], group))
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 4, 5, 6, 111, 500])
+def test_pack_torch_groups_are_chunks_shuffled_one_by_one(out_dtype, group):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(111, 12, generator=g) * 10).to(torch.bfloat16)
+    index = torch.nonzero(torch.rand(111, generator=g) > 0.4).squeeze(1)  # 60-odd rows: a partial last group
+    for idx in (index, None):
+        n = (idx.numel() if idx is not None else 111) * 12 * out_dtype.itemsize
+        out = torch.full((n,), 0xAB, dtype=torch.uint8)
+        pack_rows_torch(x, idx, out_dtype, out, True, group_rows=group)
+        assert out.numpy().tobytes() == _grouped_reference(x, idx, out_dtype, group)
+    with pytest.raises(ValueError, match="group_rows must be None or a positive integer, got 0"):
+        pack_rows_torch(x, None, out_dtype, torch.empty(111 * 12 * out_dtype.itemsize, dtype=torch.uint8), True,
+                        group_rows=0)
+
+
 def test_pack_torch_noncontiguous_all_rows_and_empty():
     x = torch.randn(64, 40).t()  # [40, 64], strided
     out = torch.empty(40 * 64 * 2, dtype=torch.uint8)

@@ -13,14 +13,14 @@ pytestmark = pytest.mark.gpu
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _both(x, index, dtype, shuffle):
+def _both(x, index, dtype, shuffle, group_rows=None):
     itemsize = torch.empty((), dtype=dtype).element_size()
     rows = x.shape[0] if index is None else index.numel()
     n = rows * (x.numel() // max(1, x.shape[0])) * itemsize
     outs = []
     for impl in ("torch", "cuda"):
         out = torch.full((n,), 0xAB, dtype=torch.uint8, device="cuda")
-        pack_rows(x, index, dtype, out, shuffle, impl=impl)
+        pack_rows(x, index, dtype, out, shuffle, impl=impl, group_rows=group_rows)
         outs.append(out.cpu())
     return outs
 
@@ -41,6 +41,50 @@ def test_kernel_bytes_equal_torch(in_dtype, out_dtype, shuffle, shape):
     assert torch.equal(a, b)
     a, b = _both(x, index[:0], out_dtype, shuffle)  # empty mask
     assert a.numel() == b.numel() == 0
+
+
+@pytest.mark.parametrize("in_dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 7, 256, 300, 5000])
+def test_kernel_grouped_planes_equal_torch(in_dtype, out_dtype, group):
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = (torch.randn(2 * 1024 + 37, 576, device="cuda", generator=g) * 30).to(in_dtype)
+    index = torch.nonzero(torch.rand(x.shape[0], device="cuda", generator=g) > 0.1).squeeze(1)
+    for idx in (index, None):
+        a, b = _both(x, idx, out_dtype, True, group_rows=group)
+        assert torch.equal(a, b)
+    strided = x.t().contiguous().t()  # same values, column-major
+    a, b = _both(strided, index, out_dtype, True, group_rows=group)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("group", [None, 128, 1000])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_fused_pack_copy_lands_the_packed_bytes_in_pinned_memory(group, shuffle):
+    from lightning_llm_inst.buffer import _backend
+
+    x = torch.randn(4, 777, 256, device="cuda", dtype=torch.bfloat16)[:, 5:]  # [4, 772, 256], strided
+    tokens = 4 * 772
+    index = torch.nonzero(torch.rand(tokens, device="cuda") > 0.2).squeeze(1)
+    ring = torch.zeros(64 << 20, dtype=torch.uint8, device="cuda")
+    host = torch.zeros(64 << 20, dtype=torch.uint8, pin_memory=True)
+    side = torch.cuda.Stream()
+    events = _backend.EventPool()
+    for idx, dtype, offset in ((index, torch.float16, 4096), (None, torch.bfloat16, 1 << 20), (index[:0], torch.float32, 0)):
+        rows = tokens if idx is None else idx.numel()
+        nbytes = rows * 256 * dtype.itemsize
+        expect = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        pack_rows(x.reshape(tokens, 256), idx, dtype, expect, shuffle, impl="torch", group_rows=group)
+        packed, copied = events.get(), events.get()
+        assert _backend.fused_eligible(x, dtype, 256)
+        _backend.pack_copy(x, tokens, idx, dtype, ring, offset, nbytes, shuffle, group, host.data_ptr() + offset,
+                           side.cuda_stream, packed, copied)
+        events.synchronize(copied)
+        assert torch.equal(host[offset : offset + nbytes], expect.cpu())
+        assert torch.equal(ring[offset : offset + nbytes].cpu(), expect.cpu())
+        events.put(packed)
+        events.put(copied)
+    events.close()
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -123,7 +167,8 @@ class _ExactModel(torch.nn.Module):
 
 @pytest.mark.parametrize("storage_dtype", [None, "bfloat16", "float16"])
 @pytest.mark.parametrize("codec", ["zstd", "lz4", None])
-def test_gpu_capture_equals_cpu_capture_byte_for_byte(tmp_path, storage_dtype, codec):
+@pytest.mark.parametrize("whole_chunks", [False, True])
+def test_gpu_capture_equals_cpu_capture_byte_for_byte(tmp_path, storage_dtype, codec, whole_chunks):
     from lightning_llm_inst import HookGranularity, InstrumentationConfig, InstrumentationFramework
     from lightning_llm_inst.store import ActivationStore
 
@@ -136,15 +181,22 @@ def test_gpu_capture_equals_cpu_capture_byte_for_byte(tmp_path, storage_dtype, c
     stores = {}
     for device in ("cpu", "cuda"):
         m = model.to(device)
+        # whole_chunks: 16 rows a chunk, so each forward's 112 rows after the first are 7 whole
+        # chunks, packed per chunk on the GPU and compressed where they lie in pinned memory
+        itemsize = 4 if storage_dtype is None else 2
         cfg = InstrumentationConfig(granularity=HookGranularity.ALL, storage_dtype=storage_dtype,
-                                    compression_algorithm=codec)
+                                    compression_algorithm=codec,
+                                    chunk_size=16 * 24 * itemsize if whole_chunks else "1MiB")
         fw = InstrumentationFramework(cfg)
         fw.instrument_model(m)
         with torch.no_grad(), fw.capture_activations(tmp_path / device):
             for _ in range(3):
                 m(ids.to(device), attention_mask=mask.to(device))
+        stats = fw.stats()
         if device == "cuda":
-            assert fw.stats()["host_pool_pinned"]
+            assert stats["host_pool_pinned"]
+        if whole_chunks:
+            assert stats["writer_zero_copy_chunks"] >= 2 * 7 * 9, device
         stores[device] = ActivationStore(tmp_path / device)
     cpu, gpu = stores["cpu"], stores["cuda"]
     assert set(cpu.hooks) == set(gpu.hooks) and len(cpu.hooks) == 9

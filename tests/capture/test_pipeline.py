@@ -39,13 +39,18 @@ def test_parallel_copies_and_split_parts_store_the_same_bytes(tmp_path):
 
 def test_drop_policy_skips_whole_forwards_and_counts_them(tmp_path, monkeypatch):
     gate = threading.Event()
-    real = shard_mod.OpenShard.write_chunk
+    real, real_many = shard_mod.OpenShard.write_chunk, shard_mod.OpenShard.write_chunks
 
     def stalled(self, *a, **k):
         gate.wait()
         return real(self, *a, **k)
 
+    def stalled_many(self, *a, **k):
+        gate.wait()
+        return real_many(self, *a, **k)
+
     monkeypatch.setattr(shard_mod.OpenShard, "write_chunk", stalled)
+    monkeypatch.setattr(shard_mod.OpenShard, "write_chunks", stalled_many)
     model = tiny_llama()
     ids = torch.randint(0, 256, (16, 64))
     fw = InstrumentationFramework(InstrumentationConfig(granularity="all", on_full="drop", max_memory_gb=0.03,
@@ -62,3 +67,19 @@ def test_drop_policy_skips_whole_forwards_and_counts_them(tmp_path, monkeypatch)
     assert store.rows == (60 - stats["forwards_dropped"]) * 16 * 64
     # the stored forwards are whole: every sequence id has all 64 positions
     assert torch.bincount(store.tokens["sequence_id"][:]).unique().tolist() in ([0, 64], [64])
+
+
+def test_whole_chunks_go_to_the_writer_without_a_copy_and_read_back_the_same(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 256, (16, 64), generator=g)
+    mask = torch.ones(16, 64, dtype=torch.long)  # 1024 rows a forward
+    # 256 rows of 64 float32 a chunk: every forward after the first fills 4 whole chunks
+    aligned, fast = _capture(tmp_path / "aligned", ids, mask, copy_threads=1, chunk_size="64KiB")
+    # 200 rows a chunk: forwards start inside a chunk, so every row is copied
+    odd, slow = _capture(tmp_path / "odd", ids, mask, copy_threads=1, chunk_size=200 * 256)
+    assert fast["writer_zero_copy_chunks"] > 0
+    assert slow["writer_zero_copy_chunks"] == 0 and slow["writer_copied_chunks"] > 0
+    assert aligned.rows == odd.rows == 4 * 1024
+    for hook in aligned.hooks:
+        assert aligned[hook].numpy(slice(None)).tobytes() == odd[hook].numpy(slice(None)).tobytes(), hook
+    assert aligned.verify().ok and odd.verify().ok

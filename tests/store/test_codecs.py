@@ -114,3 +114,30 @@ def test_bad_codec_errors_name_the_value(kwargs, needle):
     with pytest.raises(ValueError) as err:
         make_codec(**kwargs)
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("spec", ["none", "none+shuffle", "lz4", "lz4-noshuffle", "zstd:1", "zstd:3-noshuffle"])
+@pytest.mark.parametrize("shuffled", [False, True])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_encode_many_equals_encode_of_each(spec, shuffled, threads):
+    codec = make_codec(spec)
+    if spec == "lz4":
+        codec = Codec("lz4", block_size=1000)  # several LZ4 blocks per chunk
+    rng = np.random.default_rng(7)
+    base = _data("<f4", 12_000)
+    raws = [base[:1000], base[1000:4000], base[4000:4000], np.zeros(777, "<f4"), rng.integers(0, 255, 501).astype("u1")]
+    raws.append(memoryview(base[5000:9000].view(np.uint8)))  # a buffer, not an array
+    got = codec.encode_many(raws, 4, shuffled=shuffled, threads=threads)
+    assert len(got) == len(raws)
+    for raw, data in zip(raws, got, strict=True):
+        want = codec.encode(raw, 4, shuffled=shuffled)
+        assert bytes(memoryview(data).cast("B")) == bytes(memoryview(want).cast("B"))
+    assert codec.encode_many([], 4, threads=threads) == []
+    assert [bytes(d) for d in codec.encode_many([b"", b""], 4)] == [bytes(codec.encode(b"", 4))] * 2
+
+
+def test_encode_many_without_compression_returns_the_input_memory():
+    raw = np.arange(1000, dtype="<u2").view(np.uint8)
+    out = Codec("none", shuffle=False).encode_many([raw[:600], raw[600:]], 2)
+    assert np.shares_memory(out[0], raw) and np.shares_memory(out[1], raw)
+    assert bytes(out[0]) + bytes(out[1]) == raw.tobytes()

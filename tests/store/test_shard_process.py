@@ -33,7 +33,7 @@ def _chunks(path):
     found = {}
     for shard in sorted(path.glob("shard-*.h5")):
         with h5py.File(shard, "r") as f:
-            def visit(name, obj):
+            def visit(name, obj, shard=shard):
                 if isinstance(obj, h5py.Dataset) and obj.chunks is not None:
                     for i in range(obj.id.get_num_chunks()):
                         info = obj.id.get_chunk_info(i)
