@@ -26,9 +26,16 @@ __all__ = ["OpenShard"]
 
 
 class OpenShard:
-    """One shard being written: datasets created up front, chunks written directly."""
+    """One shard being written: datasets created up front, chunks written directly.
 
-    def __init__(self, directory: Path, index: int, columns: list[Column], codec: Codec, attrs: dict[str, Any]) -> None:
+    ``write_behind`` (bytes, 0 = off): after that many stored bytes, ask the kernel to start
+    writing the file's dirty pages out now (``posix_fadvise(DONTNEED)``: asynchronous
+    writeback, clean pages dropped) instead of leaving them all to the commit's fsync -- so
+    the disk works while the shard fills, and the page cache stays small.
+    """
+
+    def __init__(self, directory: Path, index: int, columns: list[Column], codec: Codec, attrs: dict[str, Any],
+                 write_behind: int = 0) -> None:
         import h5py
 
         self.index = index
@@ -39,6 +46,14 @@ class OpenShard:
         # per column: chunk index -> (crc32, stored bytes, raw bytes); a chunk may be rewritten
         self.chunks: dict[str, dict[int, tuple[int, int, int]]] = {c.key: {} for c in columns}
         self.file = h5py.File(self.tmp, "w")
+        self._write_behind = write_behind if hasattr(os, "posix_fadvise") else 0
+        self._unflushed = 0
+        self._fd: int | None = None
+        if self._write_behind:
+            try:
+                self._fd = int(self.file.id.get_vfd_handle())
+            except Exception:  # noqa: BLE001 - a driver without a file descriptor: no write-behind
+                self._write_behind = 0
         try:
             for k, v in attrs.items():
                 self.file.attrs[k] = v
@@ -60,7 +75,20 @@ class OpenShard:
         if ds.shape[0] < start + valid_rows:
             ds.resize(start + valid_rows, axis=0)
         ds.id.write_direct_chunk((start,) + (0,) * len(col.feature_shape), data)
-        self.chunks[col.key][chunk_index] = (crc, memoryview(data).nbytes, valid_rows * col.row_bytes)
+        nbytes = memoryview(data).nbytes
+        self.chunks[col.key][chunk_index] = (crc, nbytes, valid_rows * col.row_bytes)
+        self._wrote(nbytes)
+
+    def _wrote(self, nbytes: int) -> None:
+        if not self._write_behind:
+            return
+        self._unflushed += nbytes
+        if self._unflushed >= self._write_behind:
+            self._unflushed = 0
+            try:
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)  # type: ignore[arg-type]
+            except OSError:
+                self._write_behind = 0  # advisory only: the commit's fsync still makes it durable
 
     def write_chunks(self, col: Column, first_index: int, valid_rows: list[int], datas: list[Any],
                      crcs: list[int]) -> None:
@@ -73,9 +101,13 @@ class OpenShard:
             ds.resize(end, axis=0)
         rest = (0,) * len(col.feature_shape)
         table = self.chunks[col.key]
+        total = 0
         for i, (valid, data, crc) in enumerate(zip(valid_rows, datas, crcs, strict=True)):
             ds.id.write_direct_chunk(((first_index + i) * step, *rest), data)
-            table[first_index + i] = (crc, memoryview(data).nbytes, valid * col.row_bytes)
+            nbytes = memoryview(data).nbytes
+            table[first_index + i] = (crc, nbytes, valid * col.row_bytes)
+            total += nbytes
+        self._wrote(total)
 
     def truncate(self, col: Column, chunk_index: int) -> None:
         """Forget chunks ``chunk_index`` and after (an aborted batch). The cut is on a chunk

@@ -80,6 +80,10 @@ log = logging.getLogger(__name__)
 MODES = ("create", "append", "overwrite")
 ON_FULL = ("block", "drop")
 _DROP_LOG_INTERVAL_S = 10.0
+WRITE_BEHIND = 64 * 2**20
+"""Stored bytes of a shard after which its dirty pages are sent to the disk (when ``fsync``),
+so the disk is busy while the shard fills rather than only at its commit
+(``LLM_INST_WRITE_BEHIND_MB`` overrides it; 0 turns it off)."""
 
 
 def _now() -> str:
@@ -220,6 +224,7 @@ class StoreWriter:
         self.num_workers = num_workers
         self.on_full = on_full
         self.fsync = bool(fsync)
+        self.write_behind = int(float(os.environ.get("LLM_INST_WRITE_BEHIND_MB", WRITE_BEHIND / 2**20)) * 2**20)
         if not isinstance(shard_process, bool):
             raise TypeError(f"shard_process must be True or False, got {shard_process!r}")
         self._shard_process = ShardProcess() if shard_process else None
@@ -935,7 +940,7 @@ class StoreWriter:
             return ProcessShard(self.directory, index, self._columns,  # type: ignore[arg-type]
                                 self.codec, self._shard_attrs(index), self._shard_process)
         return OpenShard(self.directory, index, self._columns, self.codec,  # type: ignore[arg-type]
-                         self._shard_attrs(index))
+                         self._shard_attrs(index), write_behind=self.write_behind if self.fsync else 0)
 
     def _gather(self, futs: list[Future]) -> list[tuple[list[Any], list[int], float, int]]:
         """Results of a job's sub-batches, once every one has finished (so none still reads

@@ -486,3 +486,21 @@ def test_packed_rows_are_checked(tmp_path):
         with pytest.raises(TypeError, match="dtype 'bf16' is not one of"):
             w.add_packed("h", torch.zeros(2, 24, dtype=torch.uint8), "bf16", (6,))
         w.abort_batch()
+
+
+def test_write_behind_starts_writeback_while_a_shard_fills(tmp_path, monkeypatch):
+    calls = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: (calls.append(advice), real(fd, off, n, advice)))
+    monkeypatch.setenv("LLM_INST_WRITE_BEHIND_MB", "0.25")
+    x = torch.randn(4096, 64)
+    with StoreWriter(tmp_path / "s", codec=None, shard_size="64MiB", chunk_size="64KiB") as w:
+        for i in range(4):
+            w.append({"h": x + i})
+    assert calls and set(calls) == {os.POSIX_FADV_DONTNEED}  # 4 MiB stored, every 0.25 MiB
+    store = ActivationStore(tmp_path / "s")
+    assert torch.equal(store["h"][:], torch.cat([x + i for i in range(4)]))
+    calls.clear()
+    with StoreWriter(tmp_path / "t", codec=None, fsync=False) as w:  # nothing to make durable: left alone
+        w.append({"h": x})
+    assert calls == []
