@@ -368,6 +368,44 @@ def ceil_d2h(nbytes: int = GIB, reps: int = 3) -> dict[str, Any]:
             "bytes": nbytes}
 
 
+def ceil_write_shards(directory: Path, nbytes: int, shard: int = 256 * MIB, block: int = 16 * MIB) -> dict[str, Any]:
+    """The store's own pattern at the disk's sustained rate: ``nbytes`` in ``shard``-byte files,
+    each fsynced on a second thread while the next one is written."""
+    import queue as queue_mod
+
+    buf = memoryview(np.random.default_rng(2).integers(0, 256, size=block, dtype=np.uint8).tobytes())
+    todo: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
+    paths = []
+
+    def committer() -> None:
+        while (fd := todo.get()) is not None:
+            os.fsync(fd)
+            os.close(fd)
+
+    th = threading.Thread(target=committer, daemon=True)
+    t0 = time.perf_counter()
+    th.start()
+    left = nbytes
+    i = 0
+    while left > 0:
+        path = directory / f"bench_shard_{i}.bin"
+        paths.append(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        this = min(shard, left)
+        done = 0
+        while done < this:
+            done += os.write(fd, buf[: min(block, this - done)])
+        todo.put(fd)
+        left -= this
+        i += 1
+    todo.put(None)
+    th.join()
+    dt = time.perf_counter() - t0
+    for p in paths:
+        p.unlink()
+    return {"gbps": nbytes / dt / GB, "bytes": nbytes, "shard_bytes": shard, "files": len(paths)}
+
+
 def ceil_write(directory: Path, nbytes: int, fsync: bool, block: int = 16 * MIB) -> dict[str, Any]:
     """Sequential write of ``nbytes`` (16 MiB ``os.write`` calls) then fsync, after an untimed
     warm-up write of the same size (so page-cache memory is ready: the best case)."""
@@ -610,6 +648,10 @@ class Bench:
         c["disk"] = ceil_write(self.work, disk_bytes, fsync=True)
         log(f"[6] disk {c['disk']['gbps']:.2f} GB/s (write {c['disk']['write_s']:.2f} s + fsync "
             f"{c['disk']['fsync_s']:.2f} s), fs {c['disk']['fs']}")
+        if a.disk_sustained_gib:
+            c["disk_shards"] = ceil_write_shards(self.work, int(a.disk_sustained_gib * GIB))
+            log(f"[6] disk, {a.disk_sustained_gib:.0f} GiB as 256 MiB files fsynced behind the writes: "
+                f"{c['disk_shards']['gbps']:.2f} GB/s")
         shm = self.shm_dir()
         if shm is not None:
             c["tmpfs"] = ceil_write(shm, min(disk_bytes, GIB), fsync=False)
@@ -1204,6 +1246,10 @@ def build_markdown(result: dict[str, Any]) -> str:
         if "disk" in c:
             cl.append(f"disk write+fsync {c['disk']['gbps']:.2f} GB/s ({c['disk']['bytes'] / GIB:.1f} GiB, "
                       f"{(c['disk'].get('fs') or {}).get('type', '?')})")
+        if "disk_shards" in c:
+            ds = c["disk_shards"]
+            cl.append(f"disk as the store writes it {ds['gbps']:.2f} GB/s ({ds['bytes'] / GIB:.0f} GiB in "
+                      f"{ds['shard_bytes'] // MIB} MiB files, each fsynced while the next is written)")
         if "tmpfs" in c:
             cl.append(f"tmpfs write {c['tmpfs']['gbps']:.2f} GB/s")
         lines += ["- " + "; ".join(cl)] if cl else []
@@ -1334,6 +1380,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-seconds", type=float, default=None,
                    help="rows are skipped once the run has used this much wall time (default 420)")
     p.add_argument("--disk-ceiling-gib", type=float, default=None, help="size of the disk write test (default 2)")
+    p.add_argument("--disk-sustained-gib", type=float, default=0.0,
+                   help="also measure the disk with this many GiB written as 256 MiB shards fsynced behind the writes")
     p.add_argument("--compress-min-gb", type=float, default=None, help="raw GB through each compression ceiling")
     p.add_argument("--tag", default=None, help="result file tag (default: h100 with CUDA, else cpu)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, CPU smoke test")
