@@ -1219,7 +1219,7 @@ def build_markdown(result: dict[str, Any]) -> str:
              f"{result['machine']['zstandard']}, lz4 {result['machine']['lz4']}. Capture config: max_memory_gb "
              f"{result['config']['max_memory_gb']}, target_throughput_gbps {result['config']['target_gbps']}, "
              f"gpu_buffer_mb {result['config']['gpu_buffer_mb']}, chunk_size "
-             f"{result['config'].get('chunk_size', '1MiB')}, disk rows >= {result['config']['disk_target_gb']:.1f}"
+             f"{result['config'].get('chunk_size') or 'default (4 MiB on a GPU, 1 MiB on a CPU)'}, disk rows >= {result['config']['disk_target_gb']:.1f}"
              f" GB raw or {result['config']['max_seconds']:.0f} s of forwards. GB = 10^9 bytes.", "",
              "**RAM sink** (row 3): rows packed on the GPU, copied into the pinned host pool and handed to a "
              "`CountingSink` (`capture_activations(sink=...)`: no compression, no disk). Diagnostic rows 3a/3b: 3a writes the ordinary store into a tmpfs directory with `fsync=False` (every "
@@ -1368,7 +1368,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-memory-gb", type=float, default=None, help="capture max_memory_gb (default 16, 1 with --quick)")
     p.add_argument("--target-gbps", type=float, default=4.0, help="capture target_throughput_gbps")
     p.add_argument("--gpu-buffer-mb", type=int, default=1024, help="capture gpu_buffer_mb")
-    p.add_argument("--chunk-size", default="1MiB", help="capture chunk_size (raw bytes per HDF5 chunk)")
+    p.add_argument("--chunk-size", default=None, help="capture chunk_size (raw bytes per HDF5 chunk; default: the "
+                   "config's, 4 MiB on a GPU)")
     p.add_argument("--codecs", default="none,lz4,zstd", help="codecs of row 4 (none, lz4, zstd, zstd:N)")
     p.add_argument("--one-codec", default="zstd", help="codec of row 2")
     p.add_argument("--sink-codec", default="zstd", help="codec of the RAM-sink rows 3a/3b")

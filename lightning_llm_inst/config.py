@@ -83,8 +83,10 @@ class InstrumentationConfig:
     """Keep only positions ``start <= p < stop``."""
     shard_size: int | str = "256MiB"
     """Raw bytes per shard (what a crash can lose at most)."""
-    chunk_size: int | str = "1MiB"
-    """Raw bytes per HDF5 chunk (the unit of compression)."""
+    chunk_size: int | str | None = None
+    """Raw bytes per HDF5 chunk (the unit of compression). ``None``: 4 MiB when the model is
+    on a GPU (captures of GB/s: fewer, larger chunks cost less per byte to compress, check and
+    write), 1 MiB on a CPU."""
     num_workers: int | None = None
     """Compression threads; ``None`` derives them from ``target_throughput_gbps``."""
     buffer_impl: str = "auto"

@@ -116,7 +116,8 @@ def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: 
     }
     first_sequence = _next_sequence_id(output_path) if mode == "append" and output_path is not None else 0
     writer = sink if sink is not None else StoreWriter(output_path, codec=config.codec_spec, mode=mode, shard_size=config.shard_size,
-                         chunk_size=config.chunk_size, max_buffer_bytes=writer_bytes, num_workers=config.workers(),
+                         chunk_size=config.chunk_size or ("4MiB" if device.type == "cuda" else "1MiB"),
+                         max_buffer_bytes=writer_bytes, num_workers=config.workers(),
                          on_full="block", rank=rank, metadata=meta, fsync=config.fsync,
                          shard_process=_shard_process(device))
     try:
