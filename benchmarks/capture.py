@@ -533,11 +533,17 @@ class Bench:
             for _ in range(a.warmup):
                 self.fwd()
             sync()
+            t_w = time.perf_counter()
+            self.fwd()
+            sync()
+            # as long as the capture rows run (--max-seconds), so clocks that settle under a
+            # sustained load weigh on both sides of "vs none" alike
+            n = max(a.iters, min(int(a.max_seconds / max(1e-6, time.perf_counter() - t_w)), 100 * a.iters))
             gpu_reset()
             with PeakRSS() as rss:
                 t0 = time.perf_counter()
                 c0 = time.thread_time()
-                for _ in range(a.iters):
+                for _ in range(n):
                     if host_sync:
                         self.ids.to("cpu")
                         self.mask.to("cpu")
@@ -545,18 +551,18 @@ class Bench:
                 sync()
                 dt = time.perf_counter() - t0
                 cpu_s = time.thread_time() - c0
-        tps = a.iters * self.tokens_per_fwd / dt
+        tps = n * self.tokens_per_fwd / dt
         label = "no capture (forward only)"
         if host_sync:
             label = "diagnostic: no capture + input_ids/mask .to('cpu') before each forward (the sync token selection does)"
         else:
-            self.base_tps, self.base_fwd_s = tps, dt / a.iters
-        self.rows[key] = {"key": key, "label": label, "kind": "none", "forwards": a.iters,
+            self.base_tps, self.base_fwd_s = tps, dt / n
+        self.rows[key] = {"key": key, "label": label, "kind": "none", "forwards": n,
                           "tokens_per_s": tps, "loop_tokens_per_s": tps,
                           "speed_vs_no_capture": tps / self.base_tps if self.base_tps else None,
-                          "seconds": dt, "ms_per_forward": dt / a.iters * 1e3, "model_thread_cpu_share": cpu_s / dt,
+                          "seconds": dt, "ms_per_forward": dt / n * 1e3, "model_thread_cpu_share": cpu_s / dt,
                           "peak_rss_bytes": rss.peak, "rss_start_bytes": rss.start_bytes, "peak_gpu_bytes": gpu_peak()}
-        log(f"[{key}] {label}: {tps:,.0f} tokens/s, {dt / a.iters * 1e3:.1f} ms per forward, model thread CPU "
+        log(f"[{key}] {label}: {tps:,.0f} tokens/s, {dt / n * 1e3:.1f} ms per forward, model thread CPU "
             f"{cpu_s / dt:.0%} of wall")
 
     def row_background_compress(self) -> None:
@@ -1227,7 +1233,8 @@ def build_markdown(result: dict[str, Any]) -> str:
              "bytes (counted; shard files hold metadata only), so only pack + D2H + compression (+ the drain "
              "thread's chunk copies) run. Tokens/s of \"ours\" rows are end-to-end: first forward to after "
              "`capture_activations` exits (drained, committed, fsynced); \"loop\" is the forward loop alone, "
-             "\"steady\" its last half.", ""]
+             "\"steady\" its last half. Row 1 (no capture) runs as long as a capture row (--max-seconds), so "
+             "that GPU clocks settling under sustained load weigh on both sides of \"vs none\".", ""]
     notes = [*result["notes"]]
     for m in result["models"]:
         notes += [f"{m['model']['name']}: {n}" for n in m["notes"]]
