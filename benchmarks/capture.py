@@ -110,6 +110,7 @@ from lightning_llm_inst.framework import InstrumentationFramework  # noqa: E402
 from lightning_llm_inst.capture.sink import CountingSink  # noqa: E402
 from lightning_llm_inst.store import shard as shard_module  # noqa: E402
 from lightning_llm_inst.store.codecs import make_codec, shuffle_bytes  # noqa: E402
+from lightning_llm_inst.store.format import parse_bytes  # noqa: E402
 
 GB = 1e9
 GIB = 1 << 30
@@ -429,25 +430,38 @@ def activation_chunks(acts: np.ndarray, d: int, chunk_size: int = MIB) -> tuple[
 
 
 def ceil_compress(rows: list[np.ndarray], planes: list[np.ndarray], spec: str, workers: int, pre_shuffled: bool,
-                  min_bytes: float, min_s: float) -> dict[str, Any]:
-    """What one writer worker does per chunk (``StoreWriter._compress``): encode + crc32, on a
-    pool of ``workers`` threads."""
+                  min_bytes: float, min_s: float, job_chunks: int) -> dict[str, Any]:
+    """What the writer's compression stage does with whole chunks of a capture
+    (``StoreWriter._start_job``): the chunks of one hook point's slice (``job_chunks``) are one
+    job -- zstd: one ``encode_many`` on up to ``workers`` native threads, on a pool of
+    min(4, workers) job threads; other codecs: up to ``workers`` sub-batches on a pool of
+    ``workers`` threads -- plus a crc32 per chunk."""
     codec = make_codec(spec)
     shuffled = pre_shuffled and codec.shuffle
-    src = planes if shuffled else rows
+    src = [np.ascontiguousarray(c).reshape(-1) for c in (planes if shuffled else rows)]
+    jobs = [src[i : i + job_chunks] for i in range(0, len(src), job_chunks)]
 
-    def enc(buf: np.ndarray) -> int:
-        data = codec.encode(buf, 2, shuffled=shuffled)
-        zlib.crc32(data)
-        return memoryview(data).nbytes
+    def enc(views: list[np.ndarray], threads: int) -> int:
+        datas = codec.encode_many(views, 2, shuffled=shuffled, threads=threads)
+        for dd in datas:
+            zlib.crc32(dd)
+        return sum(memoryview(dd).nbytes for dd in datas)
 
-    with ThreadPoolExecutor(max_workers=workers) as ex:
-        list(ex.map(enc, src[: max(1, workers)]))  # thread-local compressors
+    def submit(job_pool: ThreadPoolExecutor, pool: ThreadPoolExecutor, job: list[np.ndarray]) -> list[Any]:
+        k = len(job)
+        if codec.name == "zstd":
+            return [job_pool.submit(enc, job, min(k, workers))]
+        step = -(-k // min(k, workers))
+        return [pool.submit(enc, job[i : i + step], 1) for i in range(0, k, step)]
+
+    with ThreadPoolExecutor(max_workers=min(4, workers)) as job_pool, ThreadPoolExecutor(max_workers=workers) as pool:
+        for f in submit(job_pool, pool, jobs[0]):
+            f.result()  # warm-up: thread-local compressors
         raw = stored = 0
         t0 = time.perf_counter()
         c0 = time.process_time()
         while True:
-            futs = [ex.submit(enc, c) for c in src]
+            futs = [f for job in jobs for f in submit(job_pool, pool, job)]
             stored += sum(f.result() for f in futs)
             raw += sum(c.nbytes for c in src)
             dt = time.perf_counter() - t0
@@ -455,7 +469,8 @@ def ceil_compress(rows: list[np.ndarray], planes: list[np.ndarray], spec: str, w
                 break
         cpu = time.process_time() - c0
     return {"gbps": raw / dt / GB, "per_worker_gbps": raw / dt / GB / workers, "ratio": raw / stored,
-            "workers": workers, "input": "byte planes (pre-shuffled, as packed on the GPU)" if shuffled else
+            "workers": workers, "job_chunks": job_chunks,
+            "input": "byte planes (pre-shuffled, as packed on the GPU)" if shuffled else
             ("rows, CPU shuffle in encode" if codec.shuffle else "rows (no shuffle)"),
             "raw_bytes": raw, "seconds": dt, "cores_used": cpu / dt}
 
@@ -665,7 +680,9 @@ class Bench:
         # compression pool on this model's activations
         log("[6] capturing real activations for the compression ceiling ...")
         acts = self.real_activations()
-        rows, planes, chunk_rows = activation_chunks(acts, self.d)
+        chunk_bytes = parse_bytes(a.chunk_size or ("4MiB" if cuda() else "1MiB"), "chunk_size")
+        rows, planes, chunk_rows = activation_chunks(acts, self.d, chunk_bytes)
+        job_chunks = max(1, self.tokens_per_fwd // chunk_rows)  # one hook point's rows of a forward
         c["compress_input"] = {"bytes": int(acts.nbytes), "chunks": len(rows), "chunk_rows": chunk_rows,
                                "chunk_bytes": int(rows[0].nbytes)}
         comp: dict[str, Any] = {}
@@ -674,7 +691,7 @@ class Bench:
             for pre in ((True, False) if cuda() else (False,)):
                 key = f"{spec}{'' if pre else ' (cpu shuffle)'}"
                 r = ceil_compress(rows, planes, spec, workers, pre, min_bytes=a.compress_min_gb * GB,
-                                  min_s=0.3 if a.quick else 1.0)
+                                  min_s=0.3 if a.quick else 1.0, job_chunks=job_chunks)
                 comp[key] = r
                 log(f"[6] compression {key}: {r['gbps']:.2f} GB/s raw on {workers} workers "
                     f"({r['per_worker_gbps']:.2f}/worker, {r['cores_used']:.1f} cores), ratio {r['ratio']:.3f}")
@@ -1262,7 +1279,8 @@ def build_markdown(result: dict[str, Any]) -> str:
         lines += ["- " + "; ".join(cl)] if cl else []
         for k, v in c.get("compress", {}).items():
             lines.append(f"- compression {k}: {v['gbps']:.2f} GB/s raw on {v['workers']} workers "
-                         f"({v['per_worker_gbps']:.2f}/worker), ratio {v['ratio']:.3f} [{v['input']}]")
+                         f"({v['per_worker_gbps']:.2f}/worker), ratio {v['ratio']:.3f} [{v['input']}; jobs of "
+                         f"{v.get('job_chunks', 1)} chunks, as the writer compresses a hook point's slice]")
         for k, v in c.get("pack", {}).items():
             lines.append(f"- pack {k}: {v['gbps']:.0f} GB/s (read+write), {v['us_per_call']:.0f} us/call"
                          + (f", {v['fraction_of_d2d']:.3f} of D2D" if "fraction_of_d2d" in v else "")
