@@ -15,6 +15,7 @@ from the attention mask and count up ``step``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import queue
@@ -39,6 +40,11 @@ from lightning_llm_inst.store.writer import StoreWriter
 __all__ = ["BatchContext", "CapturePipeline"]
 
 log = logging.getLogger(__name__)
+
+_MASK_ARGS = ("attention_mask", "mask", "attn_mask")
+"""Names under which a root forward receives the attention mask."""
+_CACHE_ARGS = ("past_key_values", "cache", "past_key_value", "layer_past")
+"""Names under which transformers releases have passed the KV cache to a model's forward."""
 
 
 @dataclass
@@ -117,6 +123,8 @@ class CapturePipeline:
         self._next_sequence = sequence_offset
         self._sequence_stride = sequence_stride
         self._last_sequence_ids: torch.Tensor | None = None
+        self._next_position: np.ndarray | None = None  # [batch] where the last forward's sequences go on
+        self._signatures: dict[int, inspect.Signature | None] = {}
         self._step = 0
         self._context: BatchContext | None = None
         self._forward: _Forward | None = None
@@ -192,10 +200,12 @@ class CapturePipeline:
         self._raise_if_failed()
         if not self.enabled:
             return
-        input_ids = kwargs.get("input_ids")
-        if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
-            input_ids = args[0]
-        mask = kwargs.get("attention_mask")
+        call = self._arguments(module, args, kwargs)
+        input_ids = call.get("input_ids")
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = args[0] if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point() \
+                else None
+        mask = next((m for m in map(call.get, _MASK_ARGS) if isinstance(m, torch.Tensor)), None)
         seq_ids = None
         ctx = self._context
         if input_ids is None:
@@ -204,19 +214,24 @@ class CapturePipeline:
                     "the instrumented model was called without input_ids and no batch context was set; "
                     "call it with input_ids=... or give the capture the batch's input_ids")
             input_ids, mask, seq_ids = ctx.input_ids, ctx.attention_mask, ctx.sequence_ids
-        elif ctx is not None and ctx.sequence_ids is not None and ctx.input_ids.shape[0] == input_ids.shape[0]:
+        elif ctx is not None and ctx.input_ids.shape[0] == input_ids.shape[0]:
             seq_ids = ctx.sequence_ids
+            if mask is None and ctx.attention_mask is not None and _same_tensor(ctx.input_ids, input_ids):
+                mask = ctx.attention_mask  # the batch's mask, for a model called with its ids alone
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         if mask is not None and mask.dim() == 1:
             mask = mask.unsqueeze(0)
-        if self._is_decode_step(kwargs, input_ids) and self._last_sequence_ids is not None:
+        b, t = input_ids.shape[0], input_ids.shape[-1]
+        last = self._last_sequence_ids
+        past = None
+        if last is not None and last.numel() == b and _is_decode_step(call, t, mask):
             self._step += 1
-            seq_ids = self._last_sequence_ids
+            if mask is None or mask.shape[-1] == t:  # the mask does not cover the cached tokens
+                past = self._next_position
         else:
             self._step = 0
             if seq_ids is None:
-                b = input_ids.shape[0]
                 seq_ids = self._next_sequence + self._sequence_stride * torch.arange(b, dtype=torch.int64)
                 self._next_sequence += self._sequence_stride * b
             self._last_sequence_ids = torch.as_tensor(seq_ids, dtype=torch.int64).reshape(-1).cpu()
@@ -233,21 +248,36 @@ class CapturePipeline:
 
             def pending() -> TokenSelection:
                 ready.synchronize()
-                return self.selector.select(ids_h, mask_h, seq_ids, step=step, device=device)
+                return self.selector.select(ids_h, mask_h, seq_ids, step=step, device=device, past=past)
 
             self._forward = _Forward(None, pending=pending)
             return
-        self.begin_forward(self.selector.select(input_ids, mask, seq_ids, step=step, device=device))
+        self.begin_forward(self.selector.select(input_ids, mask, seq_ids, step=step, device=device, past=past))
 
-    @staticmethod
-    def _is_decode_step(kwargs: dict, input_ids: torch.Tensor) -> bool:
-        cache_position = kwargs.get("cache_position")
-        if isinstance(cache_position, torch.Tensor) and cache_position.numel():
-            return bool(cache_position.reshape(-1)[0].item() > 0)
-        past = kwargs.get("past_key_values")
-        if past is not None and hasattr(past, "get_seq_length"):
-            return bool(past.get_seq_length() > 0)
-        return False
+    def _arguments(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The root call's arguments by name: positional ones bound to the forward's signature
+        (cached per module), keyword ones as given (``**kwargs`` of the forward included)."""
+        if not args:
+            return kwargs
+        key = id(module)
+        sig = self._signatures.get(key, False)
+        if sig is False:
+            try:
+                sig = inspect.signature(module.forward)
+            except (TypeError, ValueError):
+                sig = None
+            self._signatures[key] = sig
+        if sig is None:
+            return kwargs
+        try:
+            bound = sig.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            return kwargs
+        out = dict(bound)
+        for p in sig.parameters.values():
+            if p.kind is inspect.Parameter.VAR_KEYWORD and isinstance(out.get(p.name), dict):
+                out.update(out.pop(p.name))
+        return out
 
     @staticmethod
     def _device_of(module: nn.Module) -> torch.device:
@@ -271,6 +301,7 @@ class CapturePipeline:
         if fwd.sel is None:
             assert fwd.pending is not None
             fwd.sel, fwd.pending = fwd.pending(), None
+        self._next_position = fwd.sel.next_position
         rows = fwd.sel.rows
         if self.on_full == "drop" and rows and self._row_bytes is not None:
             if rows * self._row_bytes > self.buffers.free_bytes():
@@ -569,6 +600,52 @@ class CapturePipeline:
         out.update(self.buffers.stats())
         out.update({f"writer_{k}": v for k, v in self.writer.stats().items()})
         return out
+
+
+def _is_decode_step(call: dict[str, Any], seq_len: int, mask: torch.Tensor | None) -> bool:
+    """Whether a root call continues the sequences of the previous one from a KV cache.
+
+    Signals, cheapest first, whichever the call carries (their names have changed across
+    transformers releases, so none is relied on alone): a mask longer than the tokens fed (the
+    cached prefix is masked too, as ``generate`` does), a cache object holding tokens, a
+    ``cache_position`` past 0, ``position_ids`` past 0."""
+    if mask is not None and mask.dim() == 2 and mask.shape[-1] > seq_len:
+        return True
+    for name in _CACHE_ARGS:
+        cached = _cache_length(call.get(name))
+        if cached is not None:
+            return cached > 0
+    cache_position = call.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return bool(cache_position.reshape(-1)[0] > 0)
+    position_ids = call.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.numel() and not position_ids.is_floating_point():
+        return bool(position_ids.min() > 0)
+    return False
+
+
+def _cache_length(cache: Any) -> int | None:
+    """Tokens held by a KV cache: a ``Cache`` object, or the legacy tuple of per-layer
+    ``(key, value)`` tensors ``[batch, heads, tokens, head_dim]``; None if ``cache`` is neither."""
+    if cache is None:
+        return None
+    length = getattr(cache, "get_seq_length", None)
+    if callable(length):
+        return int(length())
+    if isinstance(cache, (tuple, list)):
+        first: Any = cache
+        while isinstance(first, (tuple, list)) and first:
+            first = first[0]
+        if isinstance(first, torch.Tensor):
+            return int(first.shape[-2]) if first.dim() >= 2 else 0
+        return 0
+    return None
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` are views of the same elements (no data is read)."""
+    return a is b or (a.shape == b.shape and a.device == b.device and a.data_ptr() == b.data_ptr()
+                      and a.stride() == b.stride())
 
 
 def _to_pinned(t: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,9 @@ class TokenSelection:
     """Per-row metadata on the CPU: ``input_ids``, ``sequence_id``, ``position``, ``step``."""
     all_rows: bool = False
     """True when every position is kept (no gather needed)."""
+    next_position: np.ndarray | None = None
+    """``[batch]`` position the next token of each sequence will have (real tokens seen so far):
+    where a decode step that is not given the whole mask continues."""
 
     @property
     def rows(self) -> int:
@@ -66,7 +69,7 @@ class TokenSelector:
         self.position_window = position_window
 
     def select(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sequence_ids: torch.Tensor,
-               step: int = 0, device: torch.device | None = None) -> TokenSelection:
+               step: int = 0, device: torch.device | None = None, past: np.ndarray | None = None) -> TokenSelection:
         """Rows of one forward pass.
 
         Args:
@@ -76,6 +79,9 @@ class TokenSelector:
             sequence_ids: ``[batch]`` id of each sequence (the same across decode steps).
             step: generation step (0 for a prefill or a plain forward).
             device: where the activations live (the index is built there).
+            past: ``[batch]`` real tokens of each sequence before this pass that ``attention_mask``
+                does not cover (a decode step given only its own mask, or none); ``None``: the
+                mask covers everything before this pass.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -91,7 +97,10 @@ class TokenSelector:
                                  f"{tuple(attention_mask.shape)}")
             mask = _host_int64(attention_mask)  # [b, past + t]
         # true position of each token: count of real tokens before it (left padding included)
-        position = (np.cumsum(mask, axis=1) - 1)[:, -t:]  # [b, t]
+        seen = np.cumsum(mask, axis=1)  # [b, past + t]
+        if past is not None:
+            seen += np.asarray(past, dtype=np.int64).reshape(b, 1)
+        position = (seen - 1)[:, -t:]  # [b, t]
         keep = mask[:, -t:] != 0  # [b, t]
         if self.drop_bos:
             keep &= position != 0
@@ -122,7 +131,8 @@ class TokenSelector:
         index = torch.from_numpy(index_np)
         if device is not None and torch.device(device).type != "cpu" and not all_rows:
             index = index.pin_memory().to(device, non_blocking=True)
-        return TokenSelection(index=index, batch_size=b, seq_len=t, tokens=tokens, all_rows=all_rows)
+        return TokenSelection(index=index, batch_size=b, seq_len=t, tokens=tokens, all_rows=all_rows,
+                              next_position=seen[:, -1].copy())
 
 
 def _host_int64(t: torch.Tensor) -> np.ndarray:
