@@ -16,18 +16,23 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ARCHITECTURES", "SAEConfig", "SAEOutput", "SparseAutoencoder", "geometric_median"]
+__all__ = ["ARCHITECTURES", "Architecture", "BDecInit", "DType", "SAEConfig", "SAEOutput", "SparseAutoencoder",
+           "geometric_median"]
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
-B_DEC_INITS = ("geometric_median", "mean", "zeros")
+Architecture = Literal["topk", "batchtopk", "relu", "jumprelu"]
+BDecInit = Literal["geometric_median", "mean", "zeros"]
+DType = Literal["float32", "float64", "float16", "bfloat16"]
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
+B_DEC_INITS: tuple[str, ...] = get_args(BDecInit)
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+assert tuple(DTYPES) == get_args(DType)
 _EPS = 1e-8
 
 
@@ -51,7 +56,7 @@ class SAEConfig:
     """Width of the activations (the hook point's feature size)."""
     d_sae: int
     """Number of latents (dictionary size)."""
-    architecture: str = "topk"
+    architecture: Architecture = "topk"
     """``"topk"``, ``"batchtopk"``, ``"relu"`` or ``"jumprelu"``."""
     k: int = 32
     """Active latents per token (topk), or on average per token over a batch (batchtopk)."""
@@ -72,14 +77,25 @@ class SAEConfig:
     """AuxK: weight of the auxiliary loss (0 turns it off)."""
     normalize_activations: bool = True
     """Scale inputs to mean norm ``sqrt(d_in)`` with a factor measured by ``initialize_from_data``."""
-    b_dec_init: str = "geometric_median"
+    b_dec_init: BDecInit = "geometric_median"
     """``"geometric_median"``, ``"mean"`` or ``"zeros"``: how ``initialize_from_data`` sets ``b_dec``."""
     hook_name: str | None = None
     """Hook point the SAE reads (e.g. ``blocks.3.hook_resid_post``); exported as metadata."""
     model_name: str | None = None
-    """Model the activations come from; exported as metadata."""
-    dtype: str = "float32"
+    """Model the activations come from (a Hugging Face Hub id where known); exported as metadata."""
+    dtype: DType = "float32"
     """Parameter dtype: ``"float32"``, ``"float64"``, ``"float16"`` or ``"bfloat16"``."""
+    context_size: int | None = None
+    """Tokens per sequence of the text the activations come from; exported as metadata."""
+    prepend_bos: bool | None = None
+    """Whether those sequences start with the BOS token (``None``: not known); exported as metadata."""
+    dataset_path: str | None = None
+    """Where the training activations come from (the store's path); exported as metadata."""
+    seqpos_slice: list[int | None] | None = None
+    """Token positions trained on, as ``slice(*seqpos_slice)`` (``[1, None]``: every position but the
+    first); ``None``: all. Exported as metadata."""
+    excluded_token_ids: list[int] | None = None
+    """Token ids whose rows were left out of training; exported as ``exclude_special_tokens``."""
 
     def __post_init__(self) -> None:
         for name in ("d_in", "d_sae"):
@@ -112,6 +128,24 @@ class SAEConfig:
                 _fail(name, v, "use a string or None")
         if self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"choose one of: {', '.join(map(repr, DTYPES))}")
+        if self.context_size is not None and (not _is_int(self.context_size) or self.context_size < 1):
+            _fail("context_size", self.context_size, "use a positive integer or None")
+        if self.prepend_bos is not None and not isinstance(self.prepend_bos, bool):
+            _fail("prepend_bos", self.prepend_bos, "use True, False or None")
+        if self.dataset_path is not None and not isinstance(self.dataset_path, str):
+            _fail("dataset_path", self.dataset_path, "use a string or None")
+        if self.seqpos_slice is not None:
+            if isinstance(self.seqpos_slice, tuple):
+                self.seqpos_slice = list(self.seqpos_slice)
+            if (not isinstance(self.seqpos_slice, list) or not 1 <= len(self.seqpos_slice) <= 3
+                    or not all(v is None or _is_int(v) for v in self.seqpos_slice)):
+                _fail("seqpos_slice", self.seqpos_slice, "use a list of 1 to 3 integers or None (slice arguments)")
+        if self.excluded_token_ids is not None:
+            if isinstance(self.excluded_token_ids, tuple):
+                self.excluded_token_ids = list(self.excluded_token_ids)
+            if not isinstance(self.excluded_token_ids, list) or not all(
+                    _is_int(v) and v >= 0 for v in self.excluded_token_ids):
+                _fail("excluded_token_ids", self.excluded_token_ids, "use a list of non-negative integers or None")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -237,6 +271,11 @@ class SparseAutoencoder(nn.Module):
             self.register_buffer("threshold", torch.zeros((), **factory))
             self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("scaling_factor", torch.ones((), **factory))
+
+    @staticmethod
+    def parameter_names(architecture: str) -> tuple[str, ...]:
+        """Names of the parameters an SAE of ``architecture`` has, in registration order."""
+        return ("W_dec", "W_enc", "b_enc", "b_dec") + (("threshold",) if architecture == "jumprelu" else ())
 
     def extra_repr(self) -> str:
         c = self.cfg

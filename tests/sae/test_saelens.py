@@ -148,13 +148,167 @@ def test_load_errors(tmp_path):
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     del cfg["metadata"]["lightning_llm_inst"]
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
-    with pytest.raises(ValueError, match="architecture='gated' is not supported"):
+    with pytest.raises(ValueError, match="architecture='gated' is not valid; expected one of batchtopk, jumprelu"):
         load_saelens(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
-    with pytest.raises(ValueError, match="do not match a jumprelu SAE"):  # no threshold tensor
+    with pytest.raises(ValueError, match=r"tensors=.*missing \['threshold'\]"):  # no threshold tensor
         load_saelens(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "layer_norm"}))
     with pytest.raises(ValueError, match="normalize_activations='layer_norm'"):
         load_saelens(tmp_path)
     with pytest.raises(TypeError, match="SparseAutoencoder"):
         save_saelens({"W_enc": torch.zeros(1)}, tmp_path)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- untrusted files
+def _directory(tmp_path, ours: bool, arch: str = "topk"):
+    """An exported SAE, as ours (our metadata) or as sae-lens alone would describe it."""
+    path = save_saelens(trained_sae(arch), tmp_path / ("ours" if ours else "theirs"))
+    cfg = json.loads((path / "cfg.json").read_text())
+    if not ours:
+        del cfg["metadata"]["lightning_llm_inst"]
+    return path, cfg
+
+
+def _write(path, cfg=None, tensors=None):
+    from safetensors.torch import save_file
+
+    if cfg is not None:
+        (path / "cfg.json").write_text(json.dumps(cfg))
+    if tensors is not None:
+        save_file(tensors, str(path / "sae_weights.safetensors"))
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "sae_weights.safetensors"))
+
+
+@pytest.fixture
+def no_allocation(monkeypatch):
+    """``no_allocation()`` makes building an SAE fail the test: a bad file must be refused before its
+    parameters exist (call it once the directory is written)."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("an SAE was allocated before the file was checked")
+    return lambda: monkeypatch.setattr(SparseAutoencoder, "__init__", refuse)
+
+
+@pytest.mark.parametrize("ours", [False, True])
+def test_a_huge_d_sae_with_small_weights_fails_before_anything_is_allocated(ours, tmp_path, no_allocation):
+    path, cfg = _directory(tmp_path, ours)
+    no_allocation()
+    cfg["d_sae"] = 100_000_000  # W_enc alone would be 24 x 1e8 float32 = 9.6 GB
+    if ours:
+        cfg["metadata"]["lightning_llm_inst"]["config"]["d_sae"] = 100_000_000
+    _write(path, cfg)
+    with pytest.raises(ValueError) as info:
+        load_saelens(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path / "sae_weights.safetensors") in message
+    assert f"W_enc.shape=[{D_IN}, {D_SAE}] is not valid; expected [{D_IN}, 100000000]" in message
+    assert "d_sae=100000000 (cfg.json)" in message
+
+
+@pytest.mark.parametrize("value, shown", [(0, "0"), (-2.0, "-2.0"), (float("nan"), "nan"), (float("inf"), "inf"),
+                                          (True, "True"), ("1", "'1'")])
+def test_a_scaling_factor_that_is_not_a_positive_finite_number_is_refused(value, shown, tmp_path, no_allocation):
+    path, cfg = _directory(tmp_path, ours=True)
+    no_allocation()
+    cfg["metadata"]["lightning_llm_inst"]["scaling_factor"] = value
+    _write(path, cfg)
+    with pytest.raises(ValueError, match=rf"cfg.json: metadata.lightning_llm_inst.scaling_factor={shown} is not "
+                                         r"valid; expected a finite number > 0$"):
+        load_saelens(path)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("k", 2.5, "an integer in [1, d_sae=80] for architecture='topk'"),
+    ("k", "6", "an integer in [1, d_sae=80]"),
+    ("k", True, "an integer in [1, d_sae=80]"),
+    ("k", 0, "an integer in [1, d_sae=80]"),
+    ("k", 81, "an integer in [1, d_sae=80]"),
+    ("k", float("nan"), "an integer in [1, d_sae=80]"),
+    ("d_in", 24.0, "a positive integer"),
+    ("d_in", -24, "a positive integer"),
+    ("d_sae", None, "a positive integer"),
+    ("dtype", "int8", "one of float32, float64, float16, bfloat16"),
+    ("architecture", "gated", "one of batchtopk, jumprelu, standard, topk"),
+    ("apply_b_dec_to_input", "yes", "true or false"),
+])
+def test_bad_config_fields_are_refused_with_one_line(field, value, expected, tmp_path, no_allocation):
+    path, cfg = _directory(tmp_path, ours=False)
+    no_allocation()
+    cfg[field] = value
+    _write(path, cfg)
+    with pytest.raises(ValueError) as info:
+        load_saelens(path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path / 'cfg.json'}: {field}=")
+    assert message.endswith(f"is not valid; expected {expected}") or f"expected {expected}" in message
+
+
+def test_a_missing_field_is_named(tmp_path, no_allocation):
+    path, cfg = _directory(tmp_path, ours=False)
+    no_allocation()
+    del cfg["k"]
+    _write(path, cfg)
+    with pytest.raises(ValueError, match=r"cfg.json: k=None is not valid; expected a positive integer for "
+                                         r"architecture='topk' \(the field is missing\)"):
+        load_saelens(path)
+
+
+@pytest.mark.parametrize("ours", [False, True])
+def test_missing_extra_or_misshapen_tensors_are_refused(ours, tmp_path, no_allocation):
+    path, cfg = _directory(tmp_path, ours)
+    no_allocation()
+    good = _tensors(path)
+    weights = str(path / "sae_weights.safetensors")
+    _write(path, tensors={k: v for k, v in good.items() if k != "b_dec"})
+    with pytest.raises(ValueError, match=r"tensors=\['W_dec', 'W_enc', 'b_enc'\] is not valid; expected a topk "
+                                         r"SAE's tensors \['W_dec', 'W_enc', 'b_dec', 'b_enc'\]; missing \['b_dec'\]"):
+        load_saelens(path)
+    _write(path, tensors={**good, "W_gate": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"unexpected \['W_gate'\]"):
+        load_saelens(path)
+    _write(path, tensors={**good, "W_dec": good["W_dec"].T.contiguous()})
+    with pytest.raises(ValueError) as info:
+        load_saelens(path)
+    assert str(info.value) == (f"{weights}: W_dec.shape=[{D_IN}, {D_SAE}] is not valid; expected [{D_SAE}, {D_IN}] "
+                               f"for d_in={D_IN}, d_sae={D_SAE} (cfg.json)")
+    _write(path, tensors={**good, "b_enc": good["b_enc"].to(torch.int32)})
+    with pytest.raises(ValueError, match=r"b_enc.dtype='I32' is not valid; expected a floating-point dtype"):
+        load_saelens(path)
+    nan = good["W_enc"].clone()
+    nan[3, 5] = float("nan")
+    _write(path, tensors={**good, "W_enc": nan})
+    with pytest.raises(ValueError, match=r"W_enc='NaN or inf values' is not valid; expected finite values"):
+        load_saelens(path)
+
+
+def test_our_metadata_must_agree_with_the_fields_sae_lens_reads(tmp_path, no_allocation):
+    path, cfg = _directory(tmp_path, ours=True)
+    no_allocation()
+    _write(path, {**cfg, "d_in": D_IN + 1})
+    with pytest.raises(ValueError, match=rf"cfg.json: d_in={D_IN + 1} is not valid; expected {D_IN}, as in "
+                                         r"metadata.lightning_llm_inst.config"):
+        load_saelens(path)
+    _write(path, {**cfg, "architecture": "standard"})
+    with pytest.raises(ValueError, match=r"architecture='standard' is not valid; expected 'topk' for our 'topk'"):
+        load_saelens(path)
+    bad = json.loads(json.dumps(cfg))
+    bad["metadata"]["lightning_llm_inst"]["config"]["k"] = 2.5
+    _write(path, bad)
+    with pytest.raises(ValueError, match=r"cfg.json: metadata.lightning_llm_inst.config: SAEConfig.k=2.5 is not valid"):
+        load_saelens(path)
+
+
+def test_a_file_that_is_not_safetensors_is_refused(tmp_path, no_allocation):
+    path, _ = _directory(tmp_path, ours=True)
+    no_allocation()
+    torch.save({"W_enc": torch.zeros(2)}, path / "sae_weights.safetensors")  # a pickle under the expected name
+    with pytest.raises(ValueError, match=r"sae_weights.safetensors: not a safetensors file"):
+        load_saelens(path)
+    (path / "cfg.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"cfg.json: not valid JSON"):
+        load_saelens(path)
