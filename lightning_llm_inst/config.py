@@ -97,6 +97,13 @@ class InstrumentationConfig:
     """Threads copying captured rows into the writer; ``None``: several on a GPU, one on a CPU."""
     fsync: bool = True
     """Make every shard durable before it is listed."""
+    include_padding: bool = False
+    """Store every position of a forward that reaches the model with no attention mask. By
+    default such a forward is refused when its rows begin or end with the pad token (padding
+    cannot be told from text); with a mask, masked positions are never stored."""
+    pad_token_id: int | None = None
+    """Id the inputs are padded with; ``None`` takes the model config's (and generation
+    config's) ``pad_token_id``."""
 
     def __post_init__(self) -> None:
         g = self.granularity
@@ -136,6 +143,11 @@ class InstrumentationConfig:
             _fail("gpu_buffer_mb", self.gpu_buffer_mb, "use a positive integer")
         if self.position_window is not None:
             self.position_window = tuple(self.position_window)  # type: ignore[assignment]
+        if not isinstance(self.include_padding, bool):
+            _fail("include_padding", self.include_padding, "use True or False")
+        if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or
+                                              not isinstance(self.pad_token_id, int) or self.pad_token_id < 0):
+            _fail("pad_token_id", self.pad_token_id, "use a non-negative token id or None")
         if self.max_memory_gb * GB < 16 * 2**20:
             _fail("max_memory_gb", self.max_memory_gb, "use at least 0.017 (16 MiB)")
 

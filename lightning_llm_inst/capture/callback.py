@@ -51,6 +51,10 @@ class ActivationCapture(Callback):
         drop_bos: do not store position 0.
         drop_token_ids: token ids never stored.
         position_window: keep only positions ``start <= p < stop``.
+        include_padding: store every position of a batch that reaches the model with no
+            attention mask; by default such a batch is refused when its rows begin or end with
+            the pad token (padding cannot be told from text).
+        pad_token_id: id the inputs are padded with (default: the model config's).
         shard_size: raw bytes per shard.
         stages: loops to capture, from ``"validate"``, ``"test"``, ``"predict"``, ``"fit"``.
         model_attr: attribute of the LightningModule holding the model to hook (default:
@@ -77,6 +81,8 @@ class ActivationCapture(Callback):
         drop_bos: bool = False,
         drop_token_ids: list[int] | None = None,
         position_window: tuple[int, int | None] | None = None,
+        include_padding: bool = False,
+        pad_token_id: int | None = None,
         shard_size: int | str = "256MiB",
         stages: list[str] | tuple[str, ...] = ("validate", "test", "predict"),
         model_attr: str | None = None,
@@ -102,7 +108,8 @@ class ActivationCapture(Callback):
             compression_algorithm=compression, target_throughput_gbps=target_throughput_gbps,
             max_memory_gb=max_memory_gb, hooks=hooks, layers=layers, compression_level=compression_level,
             storage_dtype=storage_dtype, on_full=on_full, drop_bos=drop_bos, drop_token_ids=list(drop_token_ids or []),
-            position_window=position_window, shard_size=shard_size,
+            position_window=position_window, shard_size=shard_size, include_padding=include_padding,
+            pad_token_id=pad_token_id,
         )
         self.output_path = Path(output_path)
         self.stages = tuple(stages)

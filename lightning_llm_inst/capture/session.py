@@ -24,7 +24,7 @@ from lightning_llm_inst.capture.tokens import TokenSelector
 from lightning_llm_inst.config import InstrumentationConfig
 from lightning_llm_inst.store.writer import StoreWriter
 
-__all__ = ["model_device", "model_metadata", "open_pipeline", "pick_impl"]
+__all__ = ["model_device", "model_metadata", "open_pipeline", "pick_impl", "special_token_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,25 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - provenance is best effort
             pass
     return meta
+
+
+def special_token_ids(model: nn.Module) -> tuple[set[int], set[int]]:
+    """``(pad ids, bos ids)`` from the first config found on ``model`` or a submodule (a
+    transformers model's ``config`` and ``generation_config``)."""
+    for m in model.modules():
+        cfgs = [c for c in (getattr(m, "config", None), getattr(m, "generation_config", None)) if c is not None]
+        if not any(hasattr(c, "pad_token_id") or hasattr(c, "bos_token_id") for c in cfgs):
+            continue
+        pads: set[int] = set()
+        bos: set[int] = set()
+        for c in cfgs:
+            for ids, name in ((pads, "pad_token_id"), (bos, "bos_token_id")):
+                v = getattr(c, name, None)
+                for i in (v if isinstance(v, (list, tuple)) else [v]):
+                    if isinstance(i, int) and not isinstance(i, bool) and i >= 0:
+                        ids.add(i)
+        return pads, bos
+    return set(), set()
 
 
 def pick_impl(config: InstrumentationConfig, device: torch.device) -> str:
@@ -122,7 +141,10 @@ def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: 
                          shard_process=_shard_process(device))
     try:
         buffers = CaptureBuffers(device, host_bytes, config.gpu_buffer_mb * 2**20 if device.type == "cuda" else 0)
-        selector = TokenSelector(config.drop_bos, config.drop_token_ids, config.position_window)
+        pads, bos = special_token_ids(model)
+        selector = TokenSelector(config.drop_bos, config.drop_token_ids, config.position_window,
+                                 pad_token_ids=pads if config.pad_token_id is None else {config.pad_token_id},
+                                 bos_token_ids=bos, include_padding=config.include_padding)
         dtype = getattr(torch, config.storage_dtype) if config.storage_dtype else None
         pipeline = CapturePipeline(writer, hook_points, selector, buffers, storage_dtype=dtype,
                                    on_full=config.on_full, impl=pick_impl(config, device),

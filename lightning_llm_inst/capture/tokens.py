@@ -46,10 +46,17 @@ class TokenSelector:
         drop_token_ids: token ids never stored (e.g. the tokenizer's special tokens).
         position_window: ``(start, stop)``: keep only positions ``start <= p < stop``
             (``stop`` may be ``None``).
+        pad_token_ids: ids the model's inputs are padded with. A pass given no attention mask
+            whose rows begin or end with one of them (where padding sits) is refused, since its
+            padding cannot be told from text -- unless ``include_padding``.
+        bos_token_ids: ids of the BOS token; a pad id equal to one counts as padding at the
+            start of a row only when the next token is one too (a row starts with its BOS).
+        include_padding: store every position of a pass given no attention mask, padding or not.
     """
 
     def __init__(self, drop_bos: bool = False, drop_token_ids: Iterable[int] = (),
-                 position_window: tuple[int, int | None] | None = None) -> None:
+                 position_window: tuple[int, int | None] | None = None, *, pad_token_ids: Iterable[int] = (),
+                 bos_token_ids: Iterable[int] = (), include_padding: bool = False) -> None:
         if not isinstance(drop_bos, bool):
             raise ValueError(f"drop_bos must be True or False, got {drop_bos!r}")
         ids = sorted({int(i) for i in drop_token_ids})
@@ -64,9 +71,18 @@ class TokenSelector:
                 raise ValueError(f"position_window must be (start, stop) with 0 <= start < stop (stop may be None), "
                                  f"got {position_window!r}")
             position_window = (int(position_window[0]), position_window[1])
+        if not isinstance(include_padding, bool):
+            raise ValueError(f"include_padding must be True or False, got {include_padding!r}")
         self.drop_bos = drop_bos
         self.drop_token_ids = ids
         self.position_window = position_window
+        self.include_padding = include_padding
+        pads = {int(i) for i in pad_token_ids}
+        bos = {int(i) for i in bos_token_ids}
+        self.pad_token_ids = sorted(pads)
+        self._pads_at_end = np.asarray(sorted(pads), dtype=np.int64)
+        self._pads_at_start = np.asarray(sorted(pads - bos), dtype=np.int64)
+        self._pads_as_bos = np.asarray(sorted(pads & bos), dtype=np.int64)
 
     def select(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sequence_ids: torch.Tensor,
                step: int = 0, device: torch.device | None = None, past: np.ndarray | None = None) -> TokenSelection:
@@ -90,6 +106,8 @@ class TokenSelector:
         # its intra-op thread pool on every forward while capture threads keep the cores busy
         ids = _host_int64(input_ids)  # [b, t]
         if attention_mask is None:
+            if past is None and step == 0 and not self.include_padding and self._pads_at_end.size:
+                self._refuse_padding(ids)
             mask = np.ones((b, t), dtype=np.int64)
         else:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < t:
@@ -133,6 +151,21 @@ class TokenSelector:
             index = index.pin_memory().to(device, non_blocking=True)
         return TokenSelection(index=index, batch_size=b, seq_len=t, tokens=tokens, all_rows=all_rows,
                               next_position=seen[:, -1].copy())
+
+    def _refuse_padding(self, ids: np.ndarray) -> None:
+        """Raise if rows of a pass with no attention mask look padded: a pad id at their end,
+        or at their start (twice, where the pad id is also the BOS id)."""
+        padded = np.isin(ids[:, -1], self._pads_at_end) | np.isin(ids[:, 0], self._pads_at_start)
+        if self._pads_as_bos.size and ids.shape[1] > 1:
+            padded |= np.isin(ids[:, 0], self._pads_as_bos) & np.isin(ids[:, 1], self._pads_as_bos)
+        if padded.any():
+            rows = np.flatnonzero(padded)
+            raise ValueError(
+                f"input_ids look padded (rows {rows[:8].tolist()} of {ids.shape[0]} begin or end with pad token id "
+                f"{self.pad_token_ids[0] if len(self.pad_token_ids) == 1 else self.pad_token_ids}) but no "
+                f"attention_mask reached the model, so padding cannot be told from text and would be stored; pass "
+                f"attention_mask to the model (by keyword or position, or in the batch), or set include_padding=True "
+                f"to store every position")
 
 
 def _host_int64(t: torch.Tensor) -> np.ndarray:

@@ -208,3 +208,52 @@ def test_memory_stays_bounded_with_a_stalled_writer_and_blocking_stops_once_it_c
         assert (fw.stats()["host_pool_wait_s"], fw.stats()["writer_time_blocked_s"]) == waited
     store = ActivationStore(tmp_path / "acts")
     assert store.rows == 13 * 8 * 128 and store.dropped["batches"] == 0
+
+
+class PositionalLM(L.LightningModule):
+    """Calls a model whose config has a pad id the way some pipelines do: the mask positionally,
+    or not at all (``call="ids_only"``; the batch still carries it)."""
+
+    def __init__(self, call: str) -> None:
+        super().__init__()
+        from lightning_llm_inst.models import tiny_model
+
+        self.model = tiny_model("llama")  # pad_token_id 0
+        self.call = call
+
+    def predict_step(self, batch, batch_idx):
+        if self.call == "positional":
+            return self.model(batch["input_ids"], batch["attention_mask"]).logits.argmax(-1)
+        return self.model(batch["input_ids"]).logits.argmax(-1)
+
+
+def _padded_samples(n: int, seq: int = 12, with_mask: bool = True) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for d in samples(n, seq):
+        item = {"input_ids": d["input_ids"].masked_fill(d["attention_mask"] == 0, 0), "sequence_id": d["sequence_id"]}
+        if with_mask:
+            item["attention_mask"] = d["attention_mask"]
+        out.append(item)
+    return out
+
+
+@pytest.mark.parametrize("call", ["positional", "ids_only"])
+def test_callback_finds_the_mask_passed_positionally_or_left_in_the_batch(tmp_path, call):
+    cb = ActivationCapture(tmp_path / "acts", granularity="residual")
+    data = _padded_samples(7)
+    _trainer(cb).predict(PositionalLM(call), DataLoader(data, batch_size=3), return_predictions=False)
+    store = ActivationStore(tmp_path / "acts" / "predict")
+    assert store.rows == _expected_rows(7)
+    assert torch.bincount(store.tokens["sequence_id"][:]).tolist() == [12 - (i % 4) for i in range(7)]
+    assert torch.equal(store.tokens["input_ids"][:], torch.cat([d["input_ids"][d["attention_mask"].bool()]
+                                                                for d in data]))
+
+
+def test_callback_refuses_padded_batches_without_a_mask_unless_include_padding(tmp_path):
+    data = _padded_samples(4, with_mask=False)
+    cb = ActivationCapture(tmp_path / "acts", granularity="residual")
+    with pytest.raises(ValueError, match="include_padding=True"):
+        _trainer(cb).predict(PositionalLM("ids_only"), DataLoader(data, batch_size=2), return_predictions=False)
+    cb = ActivationCapture(tmp_path / "all", granularity="residual", include_padding=True)
+    _trainer(cb).predict(PositionalLM("ids_only"), DataLoader(data, batch_size=2), return_predictions=False)
+    assert ActivationStore(tmp_path / "all" / "predict").rows == 4 * 12

@@ -165,3 +165,124 @@ def test_manual_decode_loop_with_the_models_own_cache(tmp_path: Path) -> None:
         assert tok["position"][sl].tolist() == [T + k - 1] * B
         assert torch.equal(tok["input_ids"][sl], fed[k - 1])
         assert torch.equal(got[sl], seen[k][:, 0])
+
+
+# ------------------------------------------------------------------ the attention mask
+
+PAD = 0  # models.tiny_model's pad_token_id (bos 1, eos 2)
+
+
+def _padded(seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch 3 x 9, rows 1 and 2 left-padded with PAD."""
+    ids = torch.randint(3, 256, (3, 9), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :2] = 0
+    mask[2, :5] = 0
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+class Caller(nn.Module):
+    """A wrapper that calls the model with the mask positionally (as some pipelines do)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+        return self.inner(ids, mask)
+
+
+def _reference(model: nn.Module, run: Any) -> torch.Tensor:
+    """The output of the last block while ``run()`` executes, by a plain forward hook."""
+    seen: list[torch.Tensor] = []
+    h = model.model.layers[1].register_forward_hook(
+        lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone()))
+    try:
+        run()
+    finally:
+        h.remove()
+    (out,) = seen
+    return out
+
+
+@pytest.mark.parametrize("how", ["positional", "wrapper_calls_model", "wrapper_instrumented"])
+def test_mask_passed_positionally_or_through_a_wrapper_keeps_padding_out(tmp_path: Path, how: str) -> None:
+    model = tiny_model("llama")
+    wrapper = Caller(model).eval()
+    ids, mask = _padded()
+    keep = mask.bool()
+    name = "blocks.1.hook_resid_post"
+    target = wrapper if how == "wrapper_instrumented" else model
+    hook = f"inner.model.layers.1" if how == "wrapper_instrumented" else name
+    fw = InstrumentationFramework(InstrumentationConfig(hooks=hook))
+    fw.instrument_model(target)
+
+    def run() -> None:
+        with torch.no_grad(), fw.capture_activations(tmp_path / "acts"):
+            if how == "positional":
+                model(ids, mask)
+            else:
+                wrapper(ids, mask)
+
+    ref = _reference(model, run)
+    store = ActivationStore(tmp_path / "acts")
+    assert store.rows == int(mask.sum())
+    (stored,) = store.hooks
+    assert torch.equal(store[stored][:], ref[keep])
+    assert torch.equal(store.tokens["input_ids"][:].long(), ids[keep])
+    assert torch.equal(store.tokens["position"][:].long(), (mask.cumsum(-1) - 1)[keep])
+
+
+def test_padded_batch_without_a_mask_is_refused_and_include_padding_stores_every_position(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    ids, mask = _padded()
+    fw = InstrumentationFramework(InstrumentationConfig(hooks="blocks.1.hook_resid_post"))
+    fw.instrument_model(model)
+    with torch.no_grad(), fw.capture_activations(tmp_path / "acts"):
+        with pytest.raises(ValueError) as err:
+            model(ids)
+        model(ids, mask)  # the capture goes on
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "attention_mask" in msg and "include_padding=True" in msg and "pad token id 0" in msg
+    assert ActivationStore(tmp_path / "acts").rows == int(mask.sum())  # the refused forward stored nothing
+
+    fw = InstrumentationFramework(InstrumentationConfig(hooks="blocks.1.hook_resid_post", include_padding=True))
+    fw.instrument_model(model)
+    with torch.no_grad(), fw.capture_activations(tmp_path / "all"):
+        model(ids)
+    store = ActivationStore(tmp_path / "all")
+    assert store.rows == ids.numel()
+    assert torch.equal(store.tokens["input_ids"][:].long(), ids.reshape(-1))
+
+
+@pytest.mark.parametrize("case", ["pad_is_bos_at_start", "pad_is_eos_inside", "user_pad_id", "no_pad_in_config"])
+def test_unpadded_batches_without_a_mask_are_not_refused(tmp_path: Path, case: str) -> None:
+    """Pad ids that are also BOS / EOS are padding only where padding sits (twice at a row's
+    start, or at its end); a model with no pad id configured is never refused."""
+    ids = torch.randint(3, 256, (3, 9), generator=torch.Generator().manual_seed(4))
+    cfg: dict[str, Any] = {}
+    if case == "pad_is_bos_at_start":
+        model = tiny_model("llama", pad_token_id=1)
+        ids[:, 0] = 1  # every row starts with its BOS
+    elif case == "pad_is_eos_inside":
+        model = tiny_model("llama", pad_token_id=2)
+        ids[:, 4] = 2  # an EOS between two documents
+    elif case == "user_pad_id":
+        model = tiny_model("llama")
+        ids[:, 0] = PAD  # the config's pad id, but the user says the inputs are padded with 7
+        cfg["pad_token_id"] = 7
+    else:
+        model = tiny_model("llama", pad_token_id=None)
+        model.generation_config.pad_token_id = None
+        ids[:, 0] = PAD
+    fw = InstrumentationFramework(InstrumentationConfig(hooks="blocks.1.hook_resid_post", **cfg))
+    fw.instrument_model(model)
+    with torch.no_grad(), fw.capture_activations(tmp_path / "acts"):
+        model(ids)
+    assert ActivationStore(tmp_path / "acts").rows == ids.numel()
+    if case == "user_pad_id":
+        fw = InstrumentationFramework(InstrumentationConfig(hooks="blocks.1.hook_resid_post", pad_token_id=7))
+        fw.instrument_model(model)
+        with torch.no_grad(), fw.capture_activations(tmp_path / "seven"), pytest.raises(ValueError, match="token id 7"):
+            model(ids.masked_fill(torch.arange(9) < 2, 7))
