@@ -4,13 +4,20 @@ Stage: the user's shell. ``llm-inst info PATH`` prints what a store holds; ``llm
 PATH`` reads every committed shard and exits 0 only if all of them check out; ``llm-inst
 lightning SUBCOMMAND --config FILE`` runs a Lightning loop (capture) from a YAML file; ``llm-inst
 sae fit|validate --config FILE`` trains or validates a sparse autoencoder on a store.
+
+Errors that come from the user's input (a path that holds no store, a damaged manifest, an
+option value outside its choices, a model that cannot be found) are printed as one line,
+``error: <message>``, on stderr, with exit code 2 and no traceback. Set ``LLM_INST_DEBUG=1`` to
+get the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 __all__ = ["main"]
 
@@ -34,14 +41,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)])
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from lightning_llm_inst.store import ActivationStore, StoreError
+def _error(message: object) -> int:
+    """Print ``error: <message>`` as one line on stderr; the exit code for bad input."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
 
-    try:
-        store = ActivationStore(args.path)
-    except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from lightning_llm_inst.store import ActivationStore
+
+    store = ActivationStore(args.path)
     m = store.manifest
     print(f"store     {args.path}")
     print(f"format    {m['format']} v{m['format_version']} (written by lightning-llm-inst {m.get('library_version')})")
@@ -73,13 +82,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from lightning_llm_inst.store import ActivationStore, StoreError
+    from lightning_llm_inst.store import ActivationStore
 
-    try:
-        store = ActivationStore(args.path)
-    except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    store = ActivationStore(args.path)
     bar = tqdm(total=store.num_shards, unit="shard", desc="verify", disable=args.quiet or None, file=sys.stderr)
 
     def progress(done: int, total: int) -> None:
@@ -111,10 +116,35 @@ def cmd_sae(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: ...``, exit code 2) instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        _error(f"{message} (see {self.prog} --help)")
+        sys.exit(2)
+
+
+def _guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command; bad input becomes one line on stderr and exit code 2."""
+    from lightning_llm_inst.lightning_cli import ConfigError
+    from lightning_llm_inst.store import StoreError
+
+    try:
+        return int(func(args))
+    except (ConfigError, StoreError) as exc:
+        if os.environ.get("LLM_INST_DEBUG"):
+            raise
+        return _error(exc)
+    except (ValueError, OSError) as exc:
+        if os.environ.get("LLM_INST_DEBUG") or args.command in ("lightning", "sae"):
+            raise  # a failure inside a Lightning run keeps its traceback
+        return _error(exc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lightning_llm_inst import __version__
 
-    p = argparse.ArgumentParser(prog="llm-inst", description="Capture and inspect transformer activations.")
+    p = _Parser(prog="llm-inst", description="Capture and inspect transformer activations.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="show the hook points, rows, dtypes, sizes and compression of a store")
@@ -142,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in ("lightning", "sae"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.args = extra + args.args
-    return int(args.func(args))
+    return _guarded(args.func, args)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""The llm-inst command line: info and verify on real stores."""
+"""The llm-inst command line: info and verify on real stores, LightningCLI runs, one-line errors."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import lightning as L
+import pytest
+import torch
 
 from lightning_llm_inst.cli import main
 from lightning_llm_inst.store import StoreWriter
@@ -64,3 +69,112 @@ def test_lightning_cli_yaml_runs_a_capture(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     store = ActivationStore(tmp_path / "runs" / "tiny" / "predict")
     assert len(store.hooks) == 6 and store.rows == 32 * 64 and store.verify().ok
+
+
+# ---------------------------------------------------------------- one-line errors
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def _llm_inst(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lightning_llm_inst.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
+    """Exit code 2, stderr exactly one line ``error: ...`` naming every one of ``names``, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    line = lines[0]
+    assert line.startswith("error: ") and "Traceback" not in proc.stderr, line
+    for name in names:
+        assert name.lower() in line.lower(), (name, line)
+    return line
+
+
+def _garbage_store(path: Path) -> Path:
+    path.mkdir()
+    (path / "manifest.json").write_text("{not json")
+    return path
+
+
+@pytest.mark.parametrize("command", ["info", "verify"])
+@pytest.mark.parametrize("case", ["missing", "not a store", "garbage manifest"])
+def test_store_errors_are_one_line(tmp_path, command, case):
+    path = {"missing": lambda: tmp_path / "missing", "not a store": lambda: Path(tmp_path, "empty").mkdir() or
+            tmp_path / "empty", "garbage manifest": lambda: _garbage_store(tmp_path / "bad")}[case]()
+    line = _one_line_error(_llm_inst(command, str(path), cwd=tmp_path), str(path))
+    if case == "garbage manifest":
+        assert "manifest.json" in line
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    _one_line_error(_llm_inst("info", cwd=tmp_path), "required: path")
+
+
+@pytest.mark.parametrize("args, names", [
+    # the dtype of CausalLM (a Literal): the option, the value and every choice
+    (["lightning", "predict", "--config", str(CONFIGS / "capture_tiny.yaml"), "--model.dtype", "float64"],
+     ["model.dtype", "float64", "float32", "bfloat16", "float16"]),
+    # the reported defect: a model name that is not local is an error, not a random model
+    (["lightning", "predict", "--config", str(CONFIGS / "capture_tiny.yaml"), "--model.model", "gpt2"],
+     ["model='gpt2'", "not found locally", "nothing is downloaded", "random:<arch>"]),
+    (["lightning", "predict", "--config", str(CONFIGS / "capture_tiny.yaml"), "--data.padding_side", "up"],
+     ["padding_side", "up", "right", "left"]),
+    # ActivationCapture's codec and granularity, configured under trainer.callbacks
+    (["lightning", "predict", "--config", str(CONFIGS / "capture_tiny.yaml"),
+      "--trainer.callbacks.init_args.codec", "nope"], ["codec", "nope", "zstd", "lz4"]),
+    (["lightning", "predict", "--config", str(CONFIGS / "capture_tiny.yaml"),
+      "--trainer.callbacks.init_args.granularity", "nope"], ["granularity", "nope", "attention_only", "ffn_only"]),
+    # SAEModule's architecture and optimizer
+    (["sae", "fit", "--config", str(CONFIGS / "sae_tiny.yaml"), "--model.architecture", "nope"],
+     ["architecture", "nope", "topk", "batchtopk", "jumprelu"]),
+    (["sae", "fit", "--config", str(CONFIGS / "sae_tiny.yaml"), "--model.optimizer", "nope"],
+     ["optimizer", "nope", "adam"]),
+    (["lightning", "nope"], ["nope", "predict"]),
+], ids=["dtype", "model-not-local", "padding_side", "codec", "granularity", "architecture", "optimizer",
+        "subcommand"])
+def test_config_errors_are_one_line(tmp_path, args, names):
+    _one_line_error(_llm_inst(*args, cwd=tmp_path, env={"HF_HUB_CACHE": str(tmp_path / "empty-hub-cache")}), *names)
+
+
+class BoringLM(L.LightningModule):
+    """A LightningModule that is not a CausalLM, with its own data: `llm-inst lightning` runs it."""
+
+    def __init__(self, marker: str, rows: int = 6) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+        self.marker, self.rows, self.seen = marker, rows, 0
+
+    def predict_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(self.rows, 4), batch_size=2)
+
+    def predict_step(self, batch, batch_idx):
+        self.seen += batch.shape[0]
+        return self.layer(batch)
+
+    def on_predict_end(self) -> None:
+        Path(self.marker).write_text(str(self.seen))
+
+
+def test_lightning_cli_runs_any_lightning_module(tmp_path, monkeypatch):
+    from lightning_llm_inst.lightning_cli import main as lightning_main
+
+    config = tmp_path / "boring.yaml"
+    config.write_text(f"""model:
+  class_path: {__name__}.BoringLM
+  init_args:
+    marker: {tmp_path / "seen.txt"}
+    rows: 6
+trainer:
+  accelerator: cpu
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+""")
+    monkeypatch.chdir(tmp_path)
+    lightning_main(["predict", "--config", str(config)])
+    assert (tmp_path / "seen.txt").read_text() == "6"
