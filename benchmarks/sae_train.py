@@ -698,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"model: {model_info['name']} ({model_info['load_s']:.1f} s)")
         data = prepare_data(a, model, tokenizer, model_info["name"], device, root)
         train_store, eval_store = root / "train", root / "eval"
-        eval_ids = torch.load(root / "eval_ids.pt")
+        eval_ids = torch.load(root / "eval_ids.pt", weights_only=True)
         ce_ids = eval_ids[: a.ce_seqs]
         eval_rows = ActivationStore(eval_store)[a.hook][:]
         d_in = eval_rows.shape[-1]

@@ -3,11 +3,14 @@
 Stage: training, between :class:`~lightning_llm_inst.sae.data.ActivationDataModule` (batches of raw
 activations ``[batch, d_in]``) and the exported SAE (``export_saelens``, the :class:`SAELensExport`
 callback). :class:`SAEModule` builds the SAE once ``d_in`` is known (given, or taken from the
-datamodule in ``setup``), initialises ``b_dec`` and the input scaling from a data sample when a fit
-starts, trains it with Adam (warmup and linear decay of the learning rate), keeps decoder rows at unit
-norm, feeds AuxK with the dead latents of the last ``dead_window_tokens`` tokens and logs loss, MSE,
-FVU, L0 and the dead fraction. Validation metrics are torchmetrics objects, so they reduce exactly
-across DDP ranks. Checkpoints hold plain hyperparameters, so ``SAEModule.load_from_checkpoint`` works.
+datamodule in ``setup``; until then its parameters exist uninitialised, so an optimizer can be built
+over them early, as LightningCLI's ``--optimizer`` does), initialises ``b_dec`` and the input scaling
+from a data sample when a fit starts, trains it with Adam or AdamW (warmup and linear decay of the
+learning rate), keeps decoder rows at unit norm, feeds AuxK with the dead latents of the last
+``dead_window_tokens`` tokens and logs loss, MSE, FVU, L0 and the dead fraction. Validation metrics
+are torchmetrics objects, so they reduce exactly across DDP ranks. Checkpoints hold plain
+hyperparameters and load with ``weights_only=True`` only (``load_from_checkpoint`` and a trainer's
+``ckpt_path`` alike), so a checkpoint file cannot run code.
 """
 
 from __future__ import annotations
@@ -16,20 +19,28 @@ import logging
 import math
 import os
 from dataclasses import MISSING, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parameter import UninitializedParameter
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_llm_inst.sae import metrics as M
-from lightning_llm_inst.sae.model import SAEConfig, SparseAutoencoder
+from lightning_llm_inst.sae.checkpoint import guard_checkpoint_loading, require_safe_torch
+from lightning_llm_inst.sae.model import Architecture, BDecInit, DType, SAEConfig, SparseAutoencoder
 
-__all__ = ["SAELensExport", "SAEModule"]
+__all__ = ["OptimizerName", "SAELensExport", "SAEModule"]
+
+OptimizerName = Literal["Adam", "AdamW"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+#: the datamodule's provenance keys that fill hyperparameters left at None (see ``ActivationDataModule.provenance``)
+PROVENANCE_KEYS = ("hook_name", "model_name", "context_size", "prepend_bos", "dataset_path", "seqpos_slice",
+                   "excluded_token_ids")
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +81,18 @@ class SAEModule(L.LightningModule):
         normalize_activations: scale inputs to mean norm ``sqrt(d_in)`` (measured on the init sample).
         b_dec_init: ``"geometric_median"``, ``"mean"`` or ``"zeros"``.
         hook_name: hook point the SAE reads; ``None``: the datamodule's ``hook``.
-        model_name: the captured model; ``None``: the datamodule's ``model_name``.
-        dtype: parameter dtype (``"float32"``, ``"bfloat16"``, ...).
-        lr: Adam learning rate; ``None``: ``2e-4 / sqrt(d_sae / 16384)`` (smaller for wider SAEs).
+        model_name: the captured model; ``None``: the datamodule's ``model_name`` (a Hub id where known).
+        dtype: parameter dtype (``"float32"``, ``"float64"``, ``"float16"`` or ``"bfloat16"``).
+        context_size, prepend_bos, dataset_path, seqpos_slice, excluded_token_ids: where the
+            activations come from and which rows were left out, exported in ``cfg.json``'s metadata
+            (see :class:`~lightning_llm_inst.sae.model.SAEConfig`); ``None``: the datamodule's.
+        optimizer: ``"Adam"`` or ``"AdamW"`` (``torch.optim`` classes).
+        lr: learning rate; ``None``: ``2e-4 / sqrt(d_sae / 16384)`` (smaller for wider SAEs).
         lr_warmup_steps: optimizer steps of linear warmup from 0.
         lr_decay_steps: final optimizer steps over which the rate decays linearly to 0 (needs a
             finite number of steps: ``max_steps`` or ``max_epochs``).
-        adam_betas: Adam's ``(beta1, beta2)``.
+        adam_betas: the optimizer's ``(beta1, beta2)``.
+        weight_decay: the optimizer's ``weight_decay`` (AdamW: decoupled; Adam: an L2 term).
         dead_window_tokens: a latent that has not fired in this many training tokens (all ranks
             together) is dead: counted in ``train/dead_fraction`` and used by the AuxK loss.
         init_from_data: set ``b_dec`` and the input scaling from a data sample when a fit starts
@@ -87,21 +103,34 @@ class SAEModule(L.LightningModule):
     training objective, normalized units), ``train/mse``, ``train/fvu``, ``train/l0`` (of the batch,
     raw units) and ``train/dead_fraction`` every step; ``val/loss``, ``val/mse``, ``val/fvu``,
     ``val/l0`` and ``val/dead_fraction`` (latents that never fired on the validation set) per
-    validation run, reduced over all ranks.
+    validation run, reduced over all ranks, on the rows the datamodule serves (by default without
+    each sequence's first token and special tokens); ``val/fvu_all_tokens``: the FVU over every
+    validation row, those left out included, when the datamodule leaves any out.
+
+    Until ``d_in`` is known the SAE's parameters are ``UninitializedParameter`` objects (``self.sae``
+    is ``None``); ``setup`` gives them their shapes and initial values in place, so an optimizer built
+    over ``module.parameters()`` before the fit (LightningCLI's ``--optimizer``) trains them.
     """
 
     def __init__(self, d_in: int | None = None, d_sae: int | None = None, expansion_factor: float = 8.0,
-                 architecture: str = _D["architecture"], k: int = _D["k"], l1_coefficient: float = _D["l1_coefficient"],
+                 architecture: Architecture = _D["architecture"], k: int = _D["k"],
+                 l1_coefficient: float = _D["l1_coefficient"],
                  l0_coefficient: float = _D["l0_coefficient"], jumprelu_bandwidth: float = _D["jumprelu_bandwidth"],
                  jumprelu_init_threshold: float = _D["jumprelu_init_threshold"],
                  batchtopk_threshold_decay: float = _D["batchtopk_threshold_decay"], aux_k: int | None = _D["aux_k"],
                  aux_coefficient: float = _D["aux_coefficient"],
-                 normalize_activations: bool = _D["normalize_activations"], b_dec_init: str = _D["b_dec_init"],
-                 hook_name: str | None = None, model_name: str | None = None, dtype: str = _D["dtype"],
-                 lr: float | None = None, lr_warmup_steps: int = 0, lr_decay_steps: int = 0,
-                 adam_betas: tuple[float, float] = (0.9, 0.999), dead_window_tokens: int = 10_000_000,
-                 init_from_data: bool = True, init_sample_rows: int = 16384) -> None:
+                 normalize_activations: bool = _D["normalize_activations"], b_dec_init: BDecInit = _D["b_dec_init"],
+                 hook_name: str | None = None, model_name: str | None = None, dtype: DType = _D["dtype"],
+                 context_size: int | None = None, prepend_bos: bool | None = None, dataset_path: str | None = None,
+                 seqpos_slice: list[int | None] | None = None, excluded_token_ids: list[int] | None = None,
+                 optimizer: OptimizerName = "Adam", lr: float | None = None, lr_warmup_steps: int = 0,
+                 lr_decay_steps: int = 0, adam_betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
+                 dead_window_tokens: int = 10_000_000, init_from_data: bool = True,
+                 init_sample_rows: int = 16384) -> None:
         super().__init__()
+        _check("optimizer", optimizer, optimizer in OPTIMIZERS, f"choose one of: {', '.join(map(repr, OPTIMIZERS))}")
+        _check("weight_decay", weight_decay, isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool)
+               and math.isfinite(weight_decay) and weight_decay >= 0, "use a finite number >= 0")
         _check("d_in", d_in, d_in is None or (_is_int(d_in) and d_in > 0), "use a positive integer or None")
         _check("d_sae", d_sae, d_sae is None or (_is_int(d_sae) and d_sae > 0), "use a positive integer or None")
         _check("expansion_factor", expansion_factor,
@@ -119,6 +148,9 @@ class SAEModule(L.LightningModule):
         self._initialized = False
         if d_in is not None:
             self._build(d_in)  # also checks the SAE settings early
+        else:  # shapes come with d_in; an optimizer may hold these objects before then
+            self._pending = nn.ParameterDict([(name, UninitializedParameter())  # a list keeps the order
+                                              for name in SparseAutoencoder.parameter_names(architecture)])
 
     # ------------------------------------------------------------------ building
     @property
@@ -136,21 +168,35 @@ class SAEModule(L.LightningModule):
         self.hparams["d_in"] = d_in
         cfg = self.sae_config
         self.hparams["d_sae"] = cfg.d_sae
-        self.sae = SparseAutoencoder(cfg)
+        sae = SparseAutoencoder(cfg)
+        pending = self._modules.pop("_pending", None)
+        if pending is not None:  # give the early parameter objects their shapes and values, in place
+            for name, param in pending.items():
+                value = getattr(sae, name)
+                param.materialize(value.shape, device=value.device, dtype=value.dtype)
+                with torch.no_grad():
+                    param.copy_(value)
+                setattr(sae, name, param)
+        self.sae = sae
         self.train_dead = M.DeadLatentFraction(cfg.d_sae, self.hparams["dead_window_tokens"])
         self.val_loss = MeanMetric()
         self.val_mse = M.ReconstructionMSE()
         self.val_fvu = M.FractionOfVarianceUnexplained(cfg.d_in)
+        self.val_fvu_all = M.FractionOfVarianceUnexplained(cfg.d_in)
         self.val_l0 = M.L0()
         self.val_density = M.FeatureDensity(cfg.d_sae)
 
     @override
     def setup(self, stage: str) -> None:
+        if self._trainer is not None:  # before Lightning restores a ckpt_path: nothing in it may run code
+            guard_checkpoint_loading(self.trainer)
         dm = self.trainer.datamodule if self._trainer is not None else None
-        for key in ("hook_name", "model_name"):
-            source = getattr(dm, "hook" if key == "hook_name" else key, None)
-            if self.hparams[key] is None and isinstance(source, str):
-                self.hparams[key] = source
+        provenance = dm.provenance() if callable(getattr(dm, "provenance", None)) else {}
+        if not provenance and isinstance(getattr(dm, "hook", None), str):  # another datamodule with hook / model_name
+            provenance = {"hook_name": dm.hook, "model_name": getattr(dm, "model_name", None)}
+        for key in PROVENANCE_KEYS:
+            if self.hparams[key] is None and provenance.get(key) is not None:
+                self.hparams[key] = provenance[key]
         if self.sae is None:
             d_in = getattr(dm, "d_in", None)
             if not _is_int(d_in):
@@ -160,7 +206,7 @@ class SAEModule(L.LightningModule):
         elif dm is not None and _is_int(getattr(dm, "d_in", None)) and dm.d_in != self.hparams["d_in"]:
             raise ValueError(f"SAEModule(d_in={self.hparams['d_in']}) does not match the datamodule's d_in={dm.d_in}")
         assert self.sae is not None
-        self.sae.cfg.hook_name, self.sae.cfg.model_name = self.hparams["hook_name"], self.hparams["model_name"]
+        self.sae.cfg = self.sae_config  # with the provenance filled in (checked again)
         world = self.trainer.world_size if self._trainer is not None else 1
         self.train_dead.window_tokens = max(1, math.ceil(self.hparams["dead_window_tokens"] / world))
 
@@ -195,6 +241,21 @@ class SAEModule(L.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._initialized = bool(checkpoint.get("sae_initialized", True))
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, weights_only: bool = True, **kwargs: Any) -> SAEModule:
+        """Lightning's ``load_from_checkpoint``, with ``weights_only=True`` by default.
+
+        The file is read with ``torch.load(weights_only=True)`` whatever the environment says
+        (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is ignored), so a checkpoint cannot run code; it needs
+        torch >= 2.6. Pass ``weights_only=False`` only for a file you trust.
+        """
+        if weights_only:
+            require_safe_torch(f"SAEModule.load_from_checkpoint({os.fspath(checkpoint_path)!r})"
+                               if isinstance(checkpoint_path, (str, os.PathLike)) else "SAEModule.load_from_checkpoint")
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=weights_only, **kwargs)
 
     # ------------------------------------------------------------------ training
     @override
@@ -241,7 +302,7 @@ class SAEModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         # fresh states made in this loop's grad mode: states reset inside a validate() call's inference
         # mode are inference tensors, which a later fit's validation (no_grad) cannot update in place
-        for metric in (self.val_loss, self.val_mse, self.val_fvu, self.val_l0, self.val_density):
+        for metric in (self.val_loss, self.val_mse, self.val_fvu, self.val_fvu_all, self.val_l0, self.val_density):
             metric.reset()
 
     @override
@@ -253,6 +314,7 @@ class SAEModule(L.LightningModule):
         self.val_loss.update(loss, weight=x.shape[0])
         self.val_mse.update(x, recon)
         self.val_fvu.update(x, recon)
+        self.val_fvu_all.update(x, recon)
         self.val_l0.update(latents)
         self.val_density.update(latents)
         for name in ("loss", "mse", "fvu", "l0"):
@@ -265,6 +327,16 @@ class SAEModule(L.LightningModule):
         density = self.val_density.compute()  # [d_sae], over every rank's tokens
         self.log("val/dead_fraction", (density == 0).float().mean(), sync_dist=True)
         self.val_density.reset()
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        excluded = dm.excluded_val_batches() if callable(getattr(dm, "excluded_val_batches", None)) else None
+        if excluded is None:  # the same answer on every rank: nothing is left out of validation
+            return
+        sae = self._require_sae()
+        with self.trainer.precision_plugin.val_step_context():
+            for x in excluded:  # this rank's validation rows that the datamodule leaves out
+                x = x.to(self.device).reshape(-1, sae.cfg.d_in)  # [rows, d_in]
+                self.val_fvu_all.update(x, sae(x).reconstruction)
+        self.log("val/fvu_all_tokens", self.val_fvu_all.compute().float(), sync_dist=True)
 
     # ------------------------------------------------------------------ optimizer
     @override
@@ -272,7 +344,9 @@ class SAEModule(L.LightningModule):
         sae = self._require_sae()
         hp = self.hparams
         lr = hp["lr"] if hp["lr"] is not None else 2e-4 / math.sqrt(sae.cfg.d_sae / 2**14)
-        optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=tuple(hp["adam_betas"]))
+        optimizer_class = getattr(torch.optim, hp["optimizer"])
+        optimizer = optimizer_class(sae.parameters(), lr=lr, betas=tuple(hp["adam_betas"]),
+                                    weight_decay=hp["weight_decay"])
         warmup, decay = hp["lr_warmup_steps"], hp["lr_decay_steps"]
         if not warmup and not decay:
             return optimizer
@@ -288,7 +362,7 @@ class SAEModule(L.LightningModule):
                 f *= max(0.0, (total - step) / decay)
             return f
 
-        rank_zero_info(f"SAEModule: Adam lr={lr:.3g}, warmup {warmup} steps, decay over the last {decay} steps")
+        rank_zero_info(f"SAEModule: {hp['optimizer']} lr={lr:.3g}, warmup {warmup} steps, decay over the last {decay} steps")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
