@@ -15,9 +15,9 @@ only). Outside the block the model runs with no hooks at all.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
-from collections.abc import Iterator
+from types import TracebackType
 from typing import Any
 
 from torch import nn
@@ -29,6 +29,8 @@ from lightning_llm_inst.capture.sink import ActivationSink
 from lightning_llm_inst.config import InstrumentationConfig
 
 __all__ = ["InstrumentationFramework"]
+
+log = logging.getLogger(__name__)
 
 
 class InstrumentationFramework:
@@ -55,27 +57,27 @@ class InstrumentationFramework:
         self.model = model
         return model
 
-    @contextlib.contextmanager
     def capture_activations(self, output_path: str | os.PathLike | None = None, *, mode: str = "create",
                             metadata: dict[str, Any] | None = None,
-                            sink: ActivationSink | None = None) -> Iterator[InstrumentationFramework]:
+                            sink: ActivationSink | None = None) -> _Capture:
         """Capture every forward pass of the instrumented model inside the block into the
         store at ``output_path`` (``mode``: ``"create"``, ``"append"`` or ``"overwrite"``), or
         hand the rows to ``sink`` (an :class:`~lightning_llm_inst.capture.ActivationSink`)
-        instead of storing them."""
+        instead of storing them.
+
+        A context manager; the capture starts when it is entered. Entered without ``with``
+        (``__enter__()`` alone), the capture runs until ``__exit__`` is called, or until the
+        interpreter exits, which commits every complete forward."""
+        return _Capture(self, output_path, mode, metadata, sink)
+
+    def _start(self, output_path: str | os.PathLike | None, mode: str, metadata: dict[str, Any] | None,
+               sink: ActivationSink | None) -> None:
         if self.model is None:
             raise RuntimeError("call instrument_model(model) before capture_activations()")
         if self.pipeline is not None:
             raise RuntimeError("a capture is already running; captures of one framework cannot be nested")
         self.pipeline = open_pipeline(self.model, self.config, output_path, hook_points=self.hook_points, mode=mode,
                                       metadata=metadata, sink=sink)
-        try:
-            yield self
-        except BaseException:
-            self.pipeline.abort_forward()
-            self._finish()
-            raise
-        self._finish()
 
     def _finish(self) -> None:
         pipeline, self.pipeline = self.pipeline, None
@@ -85,6 +87,20 @@ class InstrumentationFramework:
             pipeline.close()
         finally:
             self._last_stats = pipeline.stats()
+
+    def _stop(self, failed: BaseException | None) -> None:
+        """Close the running capture; after ``failed`` (the block's exception), its open forward
+        is dropped and a failure to close is logged, so that ``failed`` propagates."""
+        if failed is None:
+            self._finish()
+            return
+        if self.pipeline is not None:
+            self.pipeline.abort_forward()
+        try:
+            self._finish()
+        except Exception as exc:  # noqa: BLE001 - the block's exception wins
+            if exc is not failed:
+                log.error("closing the activation capture after %s failed: %s", type(failed).__name__, exc)
 
     def set_batch_context(self, input_ids: Any, attention_mask: Any = None, sequence_ids: Any = None) -> None:
         """Token ids / mask / sequence ids for forwards called without ``input_ids``."""
@@ -113,3 +129,22 @@ class InstrumentationFramework:
         return summarize_store(data_path, top_k=top_k, sae=sae, hook=hook, tokenizer=tokenizer,
                                contexts_per_feature=contexts_per_feature, context_window=context_window,
                                max_rows=max_rows)
+
+
+class _Capture:
+    """What :meth:`InstrumentationFramework.capture_activations` returns: enter to start the
+    capture, exit to commit it (an object, not a generator, so that dropping it does not end
+    a capture entered without ``with``)."""
+
+    def __init__(self, framework: InstrumentationFramework, output_path: str | os.PathLike | None, mode: str,
+                 metadata: dict[str, Any] | None, sink: ActivationSink | None) -> None:
+        self._framework = framework
+        self._args = (output_path, mode, metadata, sink)
+
+    def __enter__(self) -> InstrumentationFramework:
+        self._framework._start(*self._args)
+        return self._framework
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._framework._stop(exc)

@@ -15,7 +15,9 @@ from the attention mask and count up ``step``.
 
 from __future__ import annotations
 
+import atexit
 import inspect
+import itertools
 import logging
 import os
 import queue
@@ -155,6 +157,7 @@ class CapturePipeline:
             self._host_base = buffers.host.buffer.data_ptr()
         self._drain = threading.Thread(target=self._drain_loop, name="llm-inst-drain", daemon=True)
         self._drain.start()
+        self._live_key = _track(self)
 
     # ------------------------------------------------------------------ hooks
     def attach(self, model: nn.Module) -> None:
@@ -563,14 +566,18 @@ class CapturePipeline:
         self._raise_if_failed()
 
     def close(self) -> None:
-        """Detach, drain, and close the writer (committing every complete forward)."""
+        """Detach, drain, and close the writer (committing every complete forward).
+
+        A pipeline still open when the interpreter exits is closed then (see ``_track``)."""
         if self._closed:
             return
         self._closed = True
+        _LIVE.pop(self._live_key, None)
         self.detach()
-        self._sync(flush=False)
-        self._commands.put(("stop",))
-        self._drain.join()
+        if self._drain.is_alive():  # not at a late stage of interpreter exit, where threads are frozen
+            self._sync(flush=False)
+            self._commands.put(("stop",))
+            self._drain.join()
         if self._copies is not None:
             self._copies.shutdown(wait=True)
         try:
@@ -581,6 +588,16 @@ class CapturePipeline:
             self.buffers.release()
             if self._error is not None:
                 raise self._error
+
+    def _close_at_exit(self) -> None:
+        if self._closed:
+            return
+        log.warning("activation capture into %s was not closed; closing it at interpreter exit (complete "
+                    "forwards are committed)", getattr(self.writer, "directory", type(self.writer).__name__))
+        try:
+            self.close()
+        except BaseException as exc:  # noqa: BLE001 - nothing to raise to at interpreter exit
+            log.error("closing the activation capture at interpreter exit failed: %s", exc)
 
     def stats(self) -> dict[str, Any]:
         """Per-stage counters: forwards, rows, bytes, time in hooks, rings, writer."""
@@ -600,6 +617,44 @@ class CapturePipeline:
         out.update(self.buffers.stats())
         out.update({f"writer_{k}": v for k, v in self.writer.stats().items()})
         return out
+
+
+_LIVE: dict[int, CapturePipeline] = {}
+_LIVE_KEYS = itertools.count()
+_LIVE_LOCK = threading.Lock()
+_exit_hook_registered = False
+
+
+def _track(pipeline: CapturePipeline) -> int:
+    """Keep ``pipeline`` on the list closed at interpreter exit until it is closed.
+
+    The list is closed by a ``threading`` exit callback, which runs before the interpreter
+    shuts down ``concurrent.futures`` pools (the store writer's compressors) and before
+    ``atexit`` handlers (the writer's own close), while every worker thread still runs: the
+    drain thread empties into the writer, the writer commits its complete batches, and the
+    process exits with its own status, without a hang."""
+    global _exit_hook_registered
+    with _LIVE_LOCK:
+        key = next(_LIVE_KEYS)
+        _LIVE[key] = pipeline
+        register = getattr(threading, "_register_atexit", None)
+        if not _exit_hook_registered and register is not None:
+            try:
+                register(_close_live_pipelines)
+                _exit_hook_registered = True
+            except RuntimeError:  # the interpreter is exiting already
+                pass
+        if not _exit_hook_registered:  # registered after this pipeline's writer's handler: runs before it
+            atexit.register(_close_live_pipelines)
+    return key
+
+
+def _close_live_pipelines() -> None:
+    """Close every pipeline left open, newest first."""
+    with _LIVE_LOCK:
+        live = [_LIVE[k] for k in sorted(_LIVE, reverse=True)]
+    for pipeline in live:
+        pipeline._close_at_exit()
 
 
 def _is_decode_step(call: dict[str, Any], seq_len: int, mask: torch.Tensor | None) -> bool:

@@ -150,8 +150,12 @@ def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: 
                                    on_full=config.on_full, impl=pick_impl(config, device),
                                    sequence_offset=first_sequence + (rank or 0), sequence_stride=max(1, world_size),
                                    copy_threads=config.copy_threads)
-        pipeline.attach(model)
     except BaseException:
         writer.close()
+        raise
+    try:
+        pipeline.attach(model)
+    except BaseException:
+        pipeline.close()  # stops its threads and closes the writer
         raise
     return pipeline

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import torch
 
@@ -83,3 +87,44 @@ def test_whole_chunks_go_to_the_writer_without_a_copy_and_read_back_the_same(tmp
     for hook in aligned.hooks:
         assert aligned[hook].numpy(slice(None)).tobytes() == odd[hook].numpy(slice(None)).tobytes(), hook
     assert aligned.verify().ok and odd.verify().ok
+
+
+EXIT_SCRIPT = """
+import sys
+import torch
+from lightning_llm_inst import InstrumentationConfig, InstrumentationFramework
+from tests.capture.lightning_job import tiny_llama
+
+model = tiny_llama()
+fw = InstrumentationFramework(InstrumentationConfig(granularity="all"))
+fw.instrument_model(model)
+fw.capture_activations(sys.argv[1]).__enter__()  # never left
+ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    for _ in range(3):
+        model(ids)
+    def boom(*_):
+        raise RuntimeError("stopped inside layer 1")
+    model.model.layers[1].register_forward_pre_hook(boom)
+    try:
+        model(ids)  # a forward cut short after layer 0 packed its rows: not committed
+    except RuntimeError:
+        pass
+print("forwards done", flush=True)
+"""
+
+
+def test_a_capture_never_closed_commits_complete_forwards_at_exit_and_exits_with_status_0(tmp_path):
+    script = tmp_path / "never_closed.py"
+    script.write_text(EXIT_SCRIPT)
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "s")], capture_output=True, text=True,
+                          env=env, timeout=180, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "forwards done" in proc.stdout
+    store = ActivationStore(tmp_path / "s")
+    assert store.verify().ok
+    assert store.rows == 3 * 4 * 16
+    assert len(store.hooks) == 6
+    assert torch.bincount(store.tokens["sequence_id"][:]).tolist() == [16] * 12
