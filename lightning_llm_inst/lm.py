@@ -305,7 +305,7 @@ class TextDataModule(L.LightningDataModule):
         if not texts:
             raise ValueError(f"texts_path={self.texts_path!r} holds no texts")
         tok = self.tokenizer = self._resolve_tokenizer()
-        ids = [list(tok(t, add_special_tokens=True)["input_ids"]) for t in texts]
+        ids = [list(x) for x in tok(texts, add_special_tokens=True)["input_ids"]]  # one batched call
         pad = getattr(tok, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (getattr(tok, "eos_token_id", None) or 0)
         if self.pack:
