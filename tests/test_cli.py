@@ -110,6 +110,21 @@ def test_store_errors_are_one_line(tmp_path, command, case):
         assert "manifest.json" in line
 
 
+@pytest.mark.parametrize("exc", [OSError("cannot read shard-00001.h5:\n  Input/output error"),
+                                 ValueError("manifest.json: rows is not an integer")])
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_value_and_os_errors_of_the_store_are_one_line(tmp_path, monkeypatch, capsys, exc, command):
+    import lightning_llm_inst.store as store_pkg
+
+    def fail(path, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(store_pkg, "ActivationStore", fail)
+    assert main([command, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {' '.join(str(exc).split())}\n"
+
+
 def test_usage_errors_are_one_line(tmp_path):
     _one_line_error(_llm_inst("info", cwd=tmp_path), "required: path")
 
