@@ -49,22 +49,13 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """The first exception of a chain: jsonargparse wraps a nested class's ``__init__`` error in
-    "Does not validate against any of the Union subtypes ..." with the original as ``__cause__``."""
-    seen = {id(exc)}
-    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
-        exc = exc.__cause__
-        seen.add(id(exc))
-    return exc
-
-
 _KEY = re.compile(r'Parser key "([^"]+)"')
 _EXPECTED = re.compile(r"Expected a (.+?)\. Got value: (.*)$", re.DOTALL)
 _CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its ``__cause__`` chain, outermost first."""
     out = [exc]
     while out[-1].__cause__ is not None and all(out[-1].__cause__ is not e for e in out):
         out.append(out[-1].__cause__)
@@ -96,7 +87,21 @@ def describe_parse_error(exc: BaseException) -> str:
         return f"{key or 'value'}={value} is not valid; {allowed}"
     cls = next((m.group(1) for e in chain if (m := _CLASS_PATH.search(str(e)))), None)
     reason = _one_line(root.splitlines()[0] if "Given value" in root else root)
-    return f"{key}: {reason}" + (f" ({cls})" if cls else "") if key else reason
+    if not key:
+        return reason
+    return f"{key}: {reason}" + (f" ({cls})" if cls else "")
+
+
+def describe_init_error(exc: BaseException) -> str:
+    """One line from an exception raised while the classes are built. jsonargparse wraps an error
+    of a nested class's ``__init__`` (a callback's) in "Does not validate against any of the Union
+    subtypes ..." with the original as ``__cause__``: the original's message is what to show."""
+    from lightning_llm_inst.store import StoreError
+
+    root = _chain(exc)[-1]
+    if isinstance(root, (ValueError, OSError, StoreError)):  # these messages name the argument and value
+        return _one_line(str(root))
+    return _one_line(f"{type(root).__name__}: {root}")
 
 
 def _cli_class() -> type:
@@ -133,9 +138,7 @@ def _cli_class() -> type:
             except ArgumentError as exc:
                 raise ConfigError(describe_parse_error(exc)) from exc
             except (*_INPUT_ERRORS, StoreError) as exc:
-                root = _root_cause(exc)
-                raise ConfigError(_one_line(f"{type(root).__name__}: {root}" if isinstance(root, (
-                    TypeError, LookupError, ImportError)) else str(root))) from exc
+                raise ConfigError(describe_init_error(exc)) from exc
 
         def _run_subcommand(self, subcommand: str) -> None:
             try:
