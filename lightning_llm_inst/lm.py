@@ -64,12 +64,17 @@ def _hf_offline() -> Iterator[Any]:
         raise ModuleNotFoundError(_DATASETS_HINT, name="datasets") from exc
     from huggingface_hub import constants
 
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    # datasets reads its own copy of the flag (HF_DATASETS_OFFLINE before 2.19), huggingface_hub its
+    flags = [(m, n) for m, n in ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
+                                 (constants, "HF_HUB_OFFLINE")) if hasattr(m, n)]
+    saved = [getattr(m, n) for m, n in flags]
+    for m, n in flags:
+        setattr(m, n, True)
     try:
         yield datasets
     finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+        for (m, n), value in zip(flags, saved):
+            setattr(m, n, value)
 
 
 def _read_dataset(source: str, text_field: str, split: str, dataset_config: str | None,
