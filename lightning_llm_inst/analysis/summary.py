@@ -8,7 +8,9 @@ row when the feature dimension allows it (up to 8192), else from a row sample.
 SAE features (``sae_feature_stats``) stream the rows of one hook point through the SAE in
 blocks sized to a fixed memory budget and keep, per latent, how often it fires (non-zero), its
 ``contexts`` largest activations and their rows, plus the reconstruction error overall and per
-token position. ``token_contexts`` turns rows back into windows of token ids around them, and
+token position. As in SAE training, the first token of each sequence and special tokens are left
+out of the feature statistics and of ``fvu`` by default (their activations are outliers that
+dominate any average); ``fvu_all_tokens`` keeps them, and the per-position error covers every row. ``token_contexts`` turns rows back into windows of token ids around them, and
 ``summarize_sae_features`` makes the ``"sae_features"`` entry of a summary; ``viz.tensorboard``
 draws the same statistics.
 """
@@ -96,7 +98,9 @@ def _hook_summary(store: ActivationStore, hook: str, top_k: int, chunk_rows: int
 def summarize_store(data_path: str | os.PathLike, top_k: int = 10, chunk_rows: int = 8192, *,
                     sae: SparseAutoencoder | str | os.PathLike | None = None, hook: str | None = None,
                     tokenizer: Any = None, contexts_per_feature: int = 5, context_window: int = 8,
-                    max_rows: int | None = None, features: Sequence[int] | None = None) -> dict[str, Any]:
+                    max_rows: int | None = None, features: Sequence[int] | None = None, exclude_bos: bool = True,
+                    exclude_special_tokens: bool = True,
+                    special_token_ids: Sequence[int] | None = None) -> dict[str, Any]:
     """Per hook point: ``rows``, ``dtype``, ``shape``, ``mean_norm`` (norm of the mean vector),
     ``norm_mean`` / ``norm_std`` / ``norm_min`` / ``norm_max`` (of row norms),
     ``top_explained_variance_ratio`` (share of variance along each of the ``top_k`` principal
@@ -122,7 +126,8 @@ def summarize_store(data_path: str | os.PathLike, top_k: int = 10, chunk_rows: i
         if sae is not None:
             out["sae_features"] = summarize_sae_features(
                 store, sae, hook, tokenizer=tokenizer, contexts_per_feature=contexts_per_feature,
-                context_window=context_window, max_rows=max_rows, features=features)
+                context_window=context_window, max_rows=max_rows, features=features, exclude_bos=exclude_bos,
+                exclude_special_tokens=exclude_special_tokens, special_token_ids=special_token_ids)
         return out
 
 
@@ -163,7 +168,7 @@ class SAEFeatureStats:
     """What :func:`sae_feature_stats` measured on ``rows`` rows of ``hook``."""
 
     hook: str
-    rows: int
+    rows: int  # rows measured: without those left out and those holding NaN / inf
     density: torch.Tensor  # [d_sae] float64: share of rows on which each latent is non-zero
     top_values: torch.Tensor  # [contexts, d_sae] float32, descending per latent
     top_rows: torch.Tensor  # [contexts, d_sae] int64; -1 where the latent fired on fewer rows
@@ -173,6 +178,8 @@ class SAEFeatureStats:
     position_sse: torch.Tensor  # [positions] float64: squared error summed per token position
     position_norm2: torch.Tensor  # [positions] float64: squared activation norm summed per position
     position_rows: torch.Tensor  # [positions] int64: rows per position
+    fvu_all_tokens: float = math.nan  # fvu over every finite row, those left out included
+    excluded_rows: int = 0  # finite rows left out (first tokens of sequences, special tokens)
 
     @property
     def dead_fraction(self) -> float:
@@ -182,14 +189,21 @@ class SAEFeatureStats:
 
 @torch.no_grad()
 def sae_feature_stats(sae: SparseAutoencoder, store: ActivationStore, hook: str | None = None, *,
-                      contexts: int = 5, max_rows: int | None = None,
-                      block_rows: int | None = None) -> SAEFeatureStats:
+                      contexts: int = 5, max_rows: int | None = None, block_rows: int | None = None,
+                      exclude_bos: bool = True, exclude_special_tokens: bool = True,
+                      special_token_ids: Sequence[int] | None = None) -> SAEFeatureStats:
     """Stream the first ``max_rows`` rows (default: all) of ``hook`` through ``sae`` (rows holding
     NaN or inf are left out, with a warning; ``rows`` counts the others).
+
+    Rows at ``position == 0`` (``exclude_bos``) and rows of special tokens
+    (``exclude_special_tokens``: ``special_token_ids``, default the BOS / EOS / PAD ids of the model
+    config the store records) are left out of every statistic but ``fvu_all_tokens`` and the
+    per-position error, as in :class:`~lightning_llm_inst.sae.data.ActivationDataModule`.
 
     Rows go in blocks of ``block_rows`` (default: as many as keep the block's latents within
     32 MiB), so memory stays bounded whatever the store's size."""
     from lightning_llm_inst.sae.metrics import L0, FeatureDensity, FractionOfVarianceUnexplained, ReconstructionMSE
+    from lightning_llm_inst.sae.rows import excluded_between, scan_rows
 
     hook = _sae_hook(store, sae, hook)
     if isinstance(contexts, bool) or not isinstance(contexts, int) or contexts < 1:
@@ -202,15 +216,18 @@ def sae_feature_stats(sae: SparseAutoencoder, store: ActivationStore, hook: str 
     param = sae.W_dec
     device = param.device
     local = {"sync_on_compute": False}  # this process's rows only: may run on rank 0 alone under DDP
-    mse, fvu, l0, density = (m.to(device) for m in (ReconstructionMSE(**local), FractionOfVarianceUnexplained(
-        d_in, **local), L0(**local), FeatureDensity(d_sae, **local)))
+    mse, fvu, fvu_all, l0, density = (m.to(device) for m in (
+        ReconstructionMSE(**local), FractionOfVarianceUnexplained(d_in, **local),
+        FractionOfVarianceUnexplained(d_in, **local), L0(**local), FeatureDensity(d_sae, **local)))
     top_values = torch.zeros(contexts, d_sae, device=device)  # [contexts, d_sae]
     top_rows = torch.full((contexts, d_sae), -1, dtype=torch.int64, device=device)
     pos_sse, pos_norm2, pos_rows = (torch.zeros(0, dtype=dt) for dt in (torch.float64, torch.float64, torch.int64))
     positions = store.tokens.get("position")
     view = store[hook]
     n = min(store.rows, max_rows) if max_rows is not None else store.rows
-    skipped = 0
+    excluded = scan_rows(store, exclude_bos=exclude_bos, exclude_special_tokens=exclude_special_tokens,
+                         special_token_ids=special_token_ids, stop=n).excluded  # sorted row ids
+    skipped = left_out = 0
     was_training = sae.training
     sae.eval()
     try:
@@ -226,13 +243,7 @@ def sae_feature_stats(sae: SparseAutoencoder, store: ActivationStore, hook: str 
                 if not x.shape[0]:
                     continue
             out = sae(x)
-            latents = out.latents.float()  # [rows, d_sae]
-            mse.update(x, out.reconstruction)
-            fvu.update(x, out.reconstruction)
-            l0.update(latents)
-            density.update(latents)
-            top_values, idx = torch.cat([top_values, latents]).topk(contexts, dim=0)  # [contexts, d_sae]
-            top_rows = torch.cat([top_rows, row_ids[:, None].expand(-1, d_sae)]).gather(0, idx)
+            fvu_all.update(x, out.reconstruction)
             size = int(pos.max()) + 1
             if size > pos_sse.numel():
                 pos_sse, pos_norm2, pos_rows = (torch.cat([t, t.new_zeros(size - t.numel())])
@@ -240,17 +251,35 @@ def sae_feature_stats(sae: SparseAutoencoder, store: ActivationStore, hook: str 
             pos_sse.index_add_(0, pos, (x.double() - out.reconstruction.double()).pow(2).sum(1).cpu())
             pos_norm2.index_add_(0, pos, x.double().pow(2).sum(1).cpu())
             pos_rows.index_add_(0, pos, torch.ones_like(pos))
+            drop = excluded_between(excluded, a, b)  # left out of the feature statistics
+            if drop.size:
+                keep = ~torch.isin(row_ids.cpu(), torch.from_numpy(drop)).to(device)
+                left_out += int((~keep).sum())
+                x, row_ids = x[keep], row_ids[keep]
+                out = type(out)(out.reconstruction[keep], out.latents[keep])
+                if not x.shape[0]:
+                    continue
+            latents = out.latents.float()  # [rows, d_sae]
+            mse.update(x, out.reconstruction)
+            fvu.update(x, out.reconstruction)
+            l0.update(latents)
+            density.update(latents)
+            top_values, idx = torch.cat([top_values, latents]).topk(contexts, dim=0)  # [contexts, d_sae]
+            top_rows = torch.cat([top_rows, row_ids[:, None].expand(-1, d_sae)]).gather(0, idx)
     finally:
         sae.train(was_training)
     if skipped:
         logger.warning("%s: %d of %d rows hold NaN or inf and were left out of the SAE statistics", hook, skipped, n)
-    n -= skipped
+    all_rows = n - skipped
+    n = all_rows - left_out
+    fvu_all_value = float(fvu_all.compute()) if all_rows else math.nan
     if n == 0:
         return SAEFeatureStats(hook, 0, torch.zeros(d_sae, dtype=torch.float64), top_values.cpu(), top_rows.cpu(),
-                               math.nan, math.nan, math.nan, pos_sse, pos_norm2, pos_rows)
+                               math.nan, math.nan, math.nan, pos_sse, pos_norm2, pos_rows, fvu_all_value, left_out)
     top_rows = torch.where(top_values > 0, top_rows, -1)
     return SAEFeatureStats(hook, n, density.compute().cpu(), top_values.cpu(), top_rows.cpu(), float(mse.compute()),
-                           float(fvu.compute()), float(l0.compute()), pos_sse, pos_norm2, pos_rows)
+                           float(fvu.compute()), float(l0.compute()), pos_sse, pos_norm2, pos_rows, fvu_all_value,
+                           left_out)
 
 
 def token_contexts(store: ActivationStore, rows: Sequence[int] | torch.Tensor, window: int = 8) -> list[dict[str, Any]]:
@@ -322,11 +351,15 @@ def format_context(tokenizer: Any, context_ids: Sequence[int], index: int, mark:
 def summarize_sae_features(store: ActivationStore | str | os.PathLike, sae: SparseAutoencoder | str | os.PathLike,
                            hook: str | None = None, *, tokenizer: Any = None, contexts_per_feature: int = 5,
                            context_window: int = 8, max_rows: int | None = None,
-                           features: Sequence[int] | None = None) -> dict[str, Any]:
+                           features: Sequence[int] | None = None, exclude_bos: bool = True,
+                           exclude_special_tokens: bool = True,
+                           special_token_ids: Sequence[int] | None = None) -> dict[str, Any]:
     """SAE features on a store's rows of one hook point.
 
-    Returns ``hook``, ``rows`` (evaluated: the first ``max_rows``, default all), ``d_in``,
-    ``d_sae``, ``mse`` (mean over rows and features), ``fvu``, ``l0`` (mean non-zero latents per
+    Returns ``hook``, ``rows`` (evaluated: of the first ``max_rows``, default all, those not left
+    out), ``excluded_rows`` (left out: first tokens of sequences and special tokens, see
+    :func:`sae_feature_stats`), ``d_in``, ``d_sae``, ``mse`` (mean over rows and features), ``fvu``,
+    ``fvu_all_tokens`` (the FVU with the rows left out included), ``l0`` (mean non-zero latents per
     row), ``dead_fraction`` (latents that never fired), ``density`` (per latent, all of them) and
     ``features``: for each latent in ``features`` (default: all), its ``index``, ``density``,
     ``max_activation`` and ``top_contexts`` (up to ``contexts_per_feature`` rows where it fired
@@ -336,14 +369,18 @@ def summarize_sae_features(store: ActivationStore | str | os.PathLike, sae: Spar
         with ActivationStore(store) as opened:
             return summarize_sae_features(opened, sae, hook, tokenizer=tokenizer,
                                           contexts_per_feature=contexts_per_feature, context_window=context_window,
-                                          max_rows=max_rows, features=features)
+                                          max_rows=max_rows, features=features, exclude_bos=exclude_bos,
+                                          exclude_special_tokens=exclude_special_tokens,
+                                          special_token_ids=special_token_ids)
     sae = resolve_sae(sae)
     tokenizer = resolve_tokenizer(tokenizer)
     d_sae = int(sae.cfg.d_sae)
     chosen = list(range(d_sae)) if features is None else [int(i) for i in features]
     if any(not 0 <= i < d_sae for i in chosen):
         raise ValueError(f"features: latent indices must be in [0, {d_sae}), got {chosen}")
-    stats = sae_feature_stats(sae, store, hook, contexts=contexts_per_feature, max_rows=max_rows)
+    stats = sae_feature_stats(sae, store, hook, contexts=contexts_per_feature, max_rows=max_rows,
+                              exclude_bos=exclude_bos, exclude_special_tokens=exclude_special_tokens,
+                              special_token_ids=special_token_ids)
     fired = (stats.top_rows[:, chosen] >= 0).T  # [chosen, contexts]; feature-major from here on
     rows = stats.top_rows[:, chosen].T[fired]  # [n]
     values = stats.top_values[:, chosen].T[fired].tolist()
@@ -357,8 +394,9 @@ def summarize_sae_features(store: ActivationStore | str | os.PathLike, sae: Spar
         per_feature[slot].append(item)
     density = stats.density
     return {
-        "hook": stats.hook, "rows": stats.rows, "d_in": int(sae.cfg.d_in), "d_sae": d_sae,
-        "mse": stats.mse, "fvu": stats.fvu, "l0": stats.l0, "dead_fraction": stats.dead_fraction,
+        "hook": stats.hook, "rows": stats.rows, "excluded_rows": stats.excluded_rows, "d_in": int(sae.cfg.d_in),
+        "d_sae": d_sae, "mse": stats.mse, "fvu": stats.fvu, "fvu_all_tokens": stats.fvu_all_tokens, "l0": stats.l0,
+        "dead_fraction": stats.dead_fraction,
         "density": density.tolist(),
         "features": [{"index": i, "density": float(density[i]), "max_activation": float(stats.top_values[0, i]),
                       "top_contexts": per_feature[slot]} for slot, i in enumerate(chosen)],

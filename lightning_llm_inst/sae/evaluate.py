@@ -14,13 +14,18 @@ zero-ablated. It hands back plain numbers (a dict of floats):
 - ``mse`` (mean over spliced tokens and features), ``fvu`` (sum of squared errors over the sum
   of squared deviations from the per-feature mean) and ``l0`` (mean active latents per token)
   of the SAE on the activations it replaced;
-- ``tokens`` (spliced tokens) and ``predicted_tokens`` (tokens the losses average over).
+- ``fvu_all_tokens``: the SAE's FVU over every real token, the unspliced first and special
+  tokens included (the SAE is run on them too, its output is not spliced in);
+- ``tokens`` (spliced tokens), ``excluded_tokens`` (real tokens left unspliced) and
+  ``predicted_tokens`` (tokens the losses average over).
 
 Padding never counts: padded positions are neither spliced nor scored, and a token is scored
-only when it and the token it predicts are both real (attention mask 1). ``exclude_bos=True``
-leaves the first real token of every sequence unspliced (its residual stream is an outlier
-that SAEs are usually not trained on; a store captured with ``drop_bos=True`` has none of
-them); it is still scored, as the context every later prediction depends on.
+only when it and the token it predicts are both real (attention mask 1). By default, as in SAE
+training (``ActivationDataModule``), the first real token of every sequence (``exclude_bos``)
+and special tokens (``exclude_special_tokens``: the model config's BOS / EOS / PAD ids, or
+``special_token_ids``) are left unspliced: their residual streams are outliers, many times the
+others' norm, that the SAE was not trained on and that would dominate ``fvu``. They are still
+scored, as the context every later prediction depends on.
 
 The splice is a forward hook (a forward pre-hook with keyword arguments for ``resid_pre``)
 on the module the capture stage resolves for the hook name; it returns the module output with
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,6 +46,7 @@ from torch.nn import functional as F
 
 from lightning_llm_inst.capture.hooks import HookPoint, normalize_input, normalize_output, resolve_hook_points
 from lightning_llm_inst.sae.metrics import L0, FractionOfVarianceUnexplained, ReconstructionMSE
+from lightning_llm_inst.sae.rows import as_id_list, special_token_ids_of
 
 if TYPE_CHECKING:
     from lightning_llm_inst.sae.model import SparseAutoencoder
@@ -59,11 +65,13 @@ class _Splice:
         self.sae = sae
         self.d_in = d_in
         self.mode = "clean"
-        self.mask: torch.Tensor | None = None  # [batch, seq] bool: positions to replace
+        self.real: torch.Tensor | None = None  # [batch, seq] bool: real tokens (the SAE runs on them)
+        self.mask: torch.Tensor | None = None  # [batch, seq] bool: positions to replace (a subset of real)
         device = sae.W_dec.device
         local = {"sync_on_compute": False}  # the tokens this process evaluated (no collective)
         self.mse = ReconstructionMSE(**local).to(device)
         self.fvu = FractionOfVarianceUnexplained(d_in, **local).to(device)
+        self.fvu_all = FractionOfVarianceUnexplained(d_in, **local).to(device)
         self.l0 = L0(**local).to(device)
 
     def replace(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,18 +83,24 @@ class _Splice:
                              f"[batch, seq, d_in={self.d_in}] with [batch, seq] = "
                              f"{None if mask is None else tuple(mask.shape)} (the input_ids)")
         mask = mask.to(x.device)
-        if not bool(mask.any()):
-            return x
         if self.mode == "zero":
-            return x.masked_fill(mask[..., None], 0)
+            return x.masked_fill(mask[..., None], 0) if bool(mask.any()) else x
+        real = (self.real if self.real is not None else mask).to(x.device)
+        if not bool(real.any()):
+            return x
         param = self.sae.W_dec
-        rows = x[mask].to(param.device, param.dtype)  # [tokens, d_in]
+        rows = x[real].to(param.device, param.dtype)  # [real tokens, d_in]
         out = self.sae(rows)
-        self.mse.update(rows, out.reconstruction)
-        self.fvu.update(rows, out.reconstruction)
-        self.l0.update(out.latents)
+        self.fvu_all.update(rows, out.reconstruction)
+        keep = mask[real].to(param.device)  # [real tokens]: the ones spliced
+        if not bool(keep.any()):
+            return x
+        recon = out.reconstruction[keep]  # [spliced tokens, d_in]
+        self.mse.update(rows[keep], recon)
+        self.fvu.update(rows[keep], recon)
+        self.l0.update(out.latents[keep])
         new = x.clone()
-        new[mask] = out.reconstruction.to(x.device, x.dtype)
+        new[mask] = recon.to(x.device, x.dtype)
         return new
 
     @property
@@ -94,9 +108,12 @@ class _Splice:
         return int(self.l0.tokens)
 
     def metrics(self) -> dict[str, float]:
-        if self.tokens == 0:
-            return {"mse": math.nan, "fvu": math.nan, "l0": math.nan}
-        return {"mse": float(self.mse.compute()), "fvu": float(self.fvu.compute()), "l0": float(self.l0.compute())}
+        all_tokens = int(self.fvu_all.tokens)
+        out = {"mse": math.nan, "fvu": math.nan, "l0": math.nan,
+               "fvu_all_tokens": float(self.fvu_all.compute()) if all_tokens else math.nan}
+        if self.tokens:
+            out.update(mse=float(self.mse.compute()), fvu=float(self.fvu.compute()), l0=float(self.l0.compute()))
+        return out
 
 
 def _replace_in_output(output: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
@@ -158,6 +175,15 @@ def _iter_batches(batches: Iterable[Any] | None, input_ids: torch.Tensor | None,
         yield ids, (torch.ones_like(ids) if mask is None else mask)
 
 
+def _special_ids(model: nn.Module, special_token_ids: Sequence[int] | None) -> list[int]:
+    """``special_token_ids``, or the BOS / EOS / PAD ids of ``model.config``."""
+    if special_token_ids is not None:
+        ids = as_id_list(special_token_ids, "special_token_ids")
+        return ids or []
+    config = getattr(model, "config", None)
+    return special_token_ids_of({"model": {"config": config.to_dict()}}) if hasattr(config, "to_dict") else []
+
+
 def _first_real(mask: torch.Tensor) -> torch.Tensor:
     """[batch, seq] bool: the first real token of each row (works for left and right padding)."""
     return mask & (mask.long().cumsum(1) == 1)
@@ -188,7 +214,8 @@ def _resolve_point(model: nn.Module, sae: SparseAutoencoder, hook_name: str | No
 @torch.no_grad()
 def evaluate_sae(model: nn.Module, sae: SparseAutoencoder, hook_name: str | None = None,
                  batches: Iterable[Any] | None = None, *, input_ids: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, batch_size: int = 8, exclude_bos: bool = False,
+                 attention_mask: torch.Tensor | None = None, batch_size: int = 8, exclude_bos: bool = True,
+                 exclude_special_tokens: bool = True, special_token_ids: Sequence[int] | None = None,
                  max_batches: int | None = None) -> dict[str, float]:
     """Splice ``sae`` into ``model`` at ``hook_name`` and measure what the model loses.
 
@@ -201,6 +228,9 @@ def evaluate_sae(model: nn.Module, sae: SparseAutoencoder, hook_name: str | None
             ``attention_mask``, or of ``input_ids`` tensors; or give ``input_ids`` (and
             ``attention_mask``) instead, split into batches of ``batch_size`` rows.
         exclude_bos: do not splice the first real token of each sequence.
+        exclude_special_tokens: do not splice special tokens.
+        special_token_ids: those tokens; ``None``: the ``bos_token_id``, ``eos_token_id`` and
+            ``pad_token_id`` of ``model.config``.
         max_batches: stop after this many batches.
 
     Returns the dict described in this module's docstring.
@@ -214,6 +244,10 @@ def evaluate_sae(model: nn.Module, sae: SparseAutoencoder, hook_name: str | None
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise ValueError(f"max_batches: expected None or a positive integer, got {max_batches!r}")
+    for name, value in (("exclude_bos", exclude_bos), ("exclude_special_tokens", exclude_special_tokens)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: expected True or False, got {value!r}")
+    special = torch.tensor(_special_ids(model, special_token_ids) if exclude_special_tokens else [], dtype=torch.long)
     point = _resolve_point(model, sae, hook_name)
     module = model.get_submodule(point.module_name)
     device = next(model.parameters()).device
@@ -233,7 +267,10 @@ def evaluate_sae(model: nn.Module, sae: SparseAutoencoder, hook_name: str | None
             if max_batches is not None and index >= max_batches:
                 break
             ids, mask = ids.to(device), mask.to(device).bool()
+            splice.real = mask  # [batch, seq]
             splice.mask = mask & ~_first_real(mask) if exclude_bos else mask  # [batch, seq]
+            if special.numel():
+                splice.mask = splice.mask & ~torch.isin(ids, special.to(device))
             scored = mask[:, :-1] & mask[:, 1:]  # [batch, seq - 1]: position predicts a real next token
             targets = ids[:, 1:][scored]  # [n]
             predicted += int(targets.numel())
@@ -266,9 +303,11 @@ def evaluate_sae(model: nn.Module, sae: SparseAutoencoder, hook_name: str | None
         "kl_div_zero": kl["zero"] / predicted,
         **splice.metrics(),
         "tokens": float(splice.tokens),
+        "excluded_tokens": float(int(splice.fvu_all.tokens) - splice.tokens),
         "predicted_tokens": float(predicted),
     }
-    logger.info("evaluate_sae %s: CE clean %.4f spliced %.4f zero %.4f, recovered %.3f, KL %.4f, FVU %.4f, L0 %.1f",
-                point.name, result["ce_loss_clean"], result["ce_loss_spliced"], result["ce_loss_zero"],
-                result["ce_loss_recovered"], result["kl_div"], result["fvu"], result["l0"])
+    logger.info("evaluate_sae %s: CE clean %.4f spliced %.4f zero %.4f, recovered %.3f, KL %.4f, FVU %.4f "
+                "(%.4f with the first and special tokens), L0 %.1f", point.name, result["ce_loss_clean"],
+                result["ce_loss_spliced"], result["ce_loss_zero"], result["ce_loss_recovered"], result["kl_div"],
+                result["fvu"], result["fvu_all_tokens"], result["l0"])
     return result

@@ -5,7 +5,9 @@ through an SAE (:func:`~lightning_llm_inst.analysis.summary.sae_feature_stats`) 
 to any ``SummaryWriter``:
 
 - scalars ``<prefix>/fvu``, ``mse``, ``l0`` and ``dead_fraction`` on those rows (the first
-  ``max_rows`` of the store, whatever split a data module makes of them);
+  ``max_rows`` of the store, whatever split a data module makes of them, without each sequence's
+  first token and special tokens by default, as in training), and ``<prefix>/fvu_all_tokens``
+  with those rows included;
 - histograms ``<prefix>/log10_feature_density`` (latents that never fired are left out: their
   log is -inf; the dead fraction says how many) and ``<prefix>/decoder_norm``;
 - text ``<prefix>/top_contexts``: for a sample of live latents, the token windows where they
@@ -154,7 +156,9 @@ def write_sae_views(writer: Any, sae: SparseAutoencoder | str | os.PathLike, sto
                     hook: str | None = None, *, tokenizer: Any = None, step: int = 0, prefix: str = "sae",
                     max_rows: int | None = 65_536, num_features: int = 16, contexts_per_feature: int = 3,
                     context_window: int = 8, projector_points: int = MAX_PROJECTOR_POINTS, seed: int = 0,
-                    views: tuple[str, ...] | list[str] = VIEWS) -> SAEFeatureStats:
+                    views: tuple[str, ...] | list[str] = VIEWS, exclude_bos: bool = True,
+                    exclude_special_tokens: bool = True,
+                    special_token_ids: list[int] | None = None) -> SAEFeatureStats:
     """Write the views listed in this module's docstring to ``writer`` (a ``SummaryWriter``).
 
     Args:
@@ -169,6 +173,9 @@ def write_sae_views(writer: Any, sae: SparseAutoencoder | str | os.PathLike, sto
         projector_points: at most this many decoder directions go to the projector.
         views: which of ``"scalars"``, ``"histograms"``, ``"contexts"``, ``"figure"`` and
             ``"projector"`` to write (default: all).
+        exclude_bos, exclude_special_tokens, special_token_ids: which rows are left out of every
+            view but ``fvu_all_tokens`` and the per-position figure (see
+            :func:`~lightning_llm_inst.analysis.summary.sae_feature_stats`).
 
     Returns the statistics the views were drawn from.
     """
@@ -184,12 +191,16 @@ def write_sae_views(writer: Any, sae: SparseAutoencoder | str | os.PathLike, sto
             return write_sae_views(writer, sae, opened, hook, tokenizer=tokenizer, step=step, prefix=prefix,
                                    max_rows=max_rows, num_features=num_features,
                                    contexts_per_feature=contexts_per_feature, context_window=context_window,
-                                   projector_points=projector_points, seed=seed, views=views)
+                                   projector_points=projector_points, seed=seed, views=views,
+                                   exclude_bos=exclude_bos, exclude_special_tokens=exclude_special_tokens,
+                                   special_token_ids=special_token_ids)
     sae = resolve_sae(sae)
     tokenizer = resolve_tokenizer(tokenizer)
-    stats = sae_feature_stats(sae, store, hook, contexts=contexts_per_feature, max_rows=max_rows)
+    stats = sae_feature_stats(sae, store, hook, contexts=contexts_per_feature, max_rows=max_rows,
+                              exclude_bos=exclude_bos, exclude_special_tokens=exclude_special_tokens,
+                              special_token_ids=special_token_ids)
     if "scalars" in views:
-        for name in ("fvu", "mse", "l0", "dead_fraction"):
+        for name in ("fvu", "fvu_all_tokens", "mse", "l0", "dead_fraction"):
             value = float(getattr(stats, name))
             if math.isfinite(value):  # NaN when no row was read
                 writer.add_scalar(f"{prefix}/{name}", value, step)
@@ -224,6 +235,8 @@ class SAETensorBoard(Callback):
     Args:
         store: path of the activation store; default: the datamodule's ``store`` attribute.
         hook: hook point; default: the datamodule's ``hook``, else the SAE's ``hook_name``.
+        The rows left out (``exclude_bos``, ``exclude_special_tokens``, ``special_token_ids``) are
+        the datamodule's, or :func:`write_sae_views`' defaults when it has none.
         tokenizer: ``None`` (token ids), a tokenizer object, or ``"smollm2"``.
         max_rows, num_features, contexts_per_feature, context_window, projector_points, seed,
         prefix: as in :func:`write_sae_views`.
@@ -295,5 +308,8 @@ class SAETensorBoard(Callback):
         hook = self.hook or getattr(datamodule, "hook", None) or sae.cfg.hook_name
         if "projector" in views and self._last_step == step:  # the other views of this step are written
             views = ["projector"]
-        write_sae_views(tb_logger.experiment, sae, store, hook, tokenizer=self.tokenizer, step=step, views=views, **self.options)
+        rows = {key: getattr(datamodule, key) for key in ("exclude_bos", "exclude_special_tokens", "special_token_ids")
+                if hasattr(datamodule, key)}  # the rows the SAE is trained on
+        write_sae_views(tb_logger.experiment, sae, store, hook, tokenizer=self.tokenizer, step=step, views=views,
+                        **rows, **self.options)
         self._last_step = step

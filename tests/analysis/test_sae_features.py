@@ -1,5 +1,6 @@
 """SAE features in a store summary: densities, top contexts and reconstruction quality equal what a
-naive pass over all rows at once computes, whatever the block size; the summary's other keys stay."""
+naive pass over the rows at once computes (without each sequence's first token and special tokens,
+by default), whatever the block size; the summary's other keys stay."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def store_path(tmp_path_factory) -> Path:
     return _write_store(tmp_path_factory.mktemp("sae_features") / "store")
 
 
-def planted_sae(hook_name: str | None = HOOK) -> SparseAutoencoder:
-    sae = SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=D_SAE, k=3, hook_name=hook_name))
+def planted_sae(hook_name: str | None = HOOK, k: int = 3) -> SparseAutoencoder:
+    sae = SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=D_SAE, k=k, hook_name=hook_name))
     with torch.no_grad():
         sae.W_dec.copy_(_directions())
         sae.W_enc.copy_(_directions().T)
@@ -67,18 +68,26 @@ def test_summary_gains_sae_features_equal_to_a_naive_pass(store_path):
     assert len(report["hooks"][HOOK]["top_explained_variance_ratio"]) == 3
     feats = report["sae_features"]
     store = ActivationStore(store_path)
-    x = store[HOOK][:]  # [rows, d_in]
+    everything = store[HOOK][:]  # [rows, d_in]
+    kept = store.tokens["position"][:] != 0  # the first token of each sequence is left out by default
     with torch.no_grad():
-        recon, latents = sae(x)
+        recon_all = sae(everything).reconstruction
+        recon, latents = sae(everything[kept])
+    x = everything[kept]
     x64, err = x.double(), (recon.double() - x.double())
-    assert feats["hook"] == HOOK and feats["rows"] == store.rows == SEQS * SEQ_LEN and feats["d_sae"] == D_SAE
+    assert feats["hook"] == HOOK and feats["d_sae"] == D_SAE and store.rows == SEQS * SEQ_LEN
+    assert feats["rows"] == SEQS * (SEQ_LEN - 1) and feats["excluded_rows"] == SEQS
     assert feats["mse"] == pytest.approx(float(err.pow(2).mean()), rel=1e-6)
+    all64 = everything.double()
+    assert feats["fvu_all_tokens"] == pytest.approx(
+        float((recon_all.double() - all64).pow(2).sum() / (all64 - all64.mean(0)).pow(2).sum()), rel=1e-6)
     assert feats["fvu"] == pytest.approx(float(err.pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum()), rel=1e-6)
     assert feats["l0"] == pytest.approx(float((latents != 0).sum(1).double().mean()))
     density = (latents != 0).double().mean(0)
     assert feats["density"] == pytest.approx(density.tolist())
     assert feats["dead_fraction"] == pytest.approx(float((density == 0).double().mean())) and feats["dead_fraction"] > 0
     ids = store.tokens["input_ids"][:]
+    kept_rows = torch.nonzero(kept)[:, 0]  # row ids of x's rows
     for f in feats["features"]:
         i = f["index"]
         fired = torch.nonzero(latents[:, i] != 0)[:, 0]
@@ -87,7 +96,8 @@ def test_summary_gains_sae_features_equal_to_a_naive_pass(store_path):
         assert f["density"] == pytest.approx(float(density[i]))
         assert [c["activation"] for c in got] == pytest.approx(want.tolist())
         for c in got:
-            assert float(latents[c["row"], i]) == pytest.approx(c["activation"])
+            assert c["position"] != 0
+            assert float(latents[int(torch.searchsorted(kept_rows, c["row"])), i]) == pytest.approx(c["activation"])
             assert c["token_id"] == int(ids[c["row"]]) == c["context_ids"][c["context_index"]]
             if i < TOKENS:
                 assert c["token_id"] == 100 + i  # a planted latent fires most on its own token
@@ -104,7 +114,7 @@ def test_blocks_and_row_limit_do_not_change_the_result(store_path):
     assert small.fvu == pytest.approx(whole.fvu, rel=1e-9) and small.l0 == pytest.approx(whole.l0)
     assert torch.equal(whole.position_rows, torch.full((SEQ_LEN,), SEQS))
     head = sae_feature_stats(planted_sae(), store, contexts=3, max_rows=50, block_rows=16)
-    assert head.rows == 50 and int(head.position_rows.sum()) == 50
+    assert head.rows == 48 and head.excluded_rows == 2 and int(head.position_rows.sum()) == 50  # rows 0 and 25
     assert int(head.top_rows.max()) < 50
 
 
@@ -159,9 +169,45 @@ def test_nonfinite_rows_are_left_out(tmp_path, store_path):
     path = _write_store(tmp_path / "nan", nan_row=3)
     stats = sae_feature_stats(planted_sae(), ActivationStore(path), contexts=2)
     clean = sae_feature_stats(planted_sae(), ActivationStore(store_path), contexts=2)
-    assert stats.rows == SEQS * SEQ_LEN - 1 and int(stats.position_rows[3]) == SEQS - 1
+    assert stats.rows == SEQS * (SEQ_LEN - 1) - 1 and int(stats.position_rows[3]) == SEQS - 1
     assert 0 < stats.fvu == pytest.approx(clean.fvu, rel=0.05)
     assert 3 not in stats.top_rows.tolist()[0]
+
+
+def test_huge_first_rows_and_special_tokens_are_left_out_of_fvu(tmp_path):
+    """Position-0 rows 100x the others' norm (attention sinks) and special tokens from the store's model config:
+    ``fvu`` is the naive FVU without them; ``fvu_all_tokens`` with them, which they make look far better."""
+    g = torch.Generator().manual_seed(5)
+    dirs = _directions()
+    path = tmp_path / "sinks"
+    meta = {"model": {"name": "m", "config": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}}}
+    with StoreWriter(path, codec="lz4", chunk_size="2KiB", metadata=meta) as w:
+        for s in range(SEQS):
+            ids = torch.randint(3, TOKENS, (SEQ_LEN,), generator=g)
+            ids[7 + s % 5] = 2  # an eos inside the text
+            x = 2 * dirs[ids] + 0.3 * torch.randn(SEQ_LEN, D_IN, generator=g)
+            x[0] = 100 * dirs[-2] + torch.randn(D_IN, generator=g)  # the sink: huge, and off the planted latents
+            w.append({HOOK: x}, tokens={"input_ids": ids, "sequence_id": torch.full((SEQ_LEN,), s),
+                                        "position": torch.arange(SEQ_LEN, dtype=torch.int32)})
+    store = ActivationStore(path)
+    sae = planted_sae(k=1)  # one latent per row: the sinks too are reconstructed well, as trained SAEs do
+    stats = sae_feature_stats(sae, store, contexts=2, block_rows=11)
+    x = store[HOOK][:].double()
+    special = (store.tokens["position"][:] == 0) | (store.tokens["input_ids"][:] == 2)
+    with torch.no_grad():
+        recon = sae(store[HOOK][:]).reconstruction.double()
+
+    def naive(rows: torch.Tensor) -> float:
+        return float((recon[rows] - x[rows]).pow(2).sum() / (x[rows] - x[rows].mean(0)).pow(2).sum())
+
+    assert stats.rows == int((~special).sum()) == SEQS * (SEQ_LEN - 2) and stats.excluded_rows == 2 * SEQS
+    assert stats.fvu == pytest.approx(naive(~special), rel=1e-6)
+    assert stats.fvu_all_tokens == pytest.approx(naive(torch.ones_like(special)), rel=1e-6)
+    assert stats.fvu_all_tokens < stats.fvu / 3  # the sinks' variance hides the error on every other row
+    kept = sae_feature_stats(sae, store, contexts=2, exclude_bos=False, exclude_special_tokens=False)
+    assert kept.rows == store.rows and kept.fvu == pytest.approx(stats.fvu_all_tokens, rel=1e-6)
+    only_bos = sae_feature_stats(sae, store, contexts=2, special_token_ids=[])
+    assert only_bos.rows == SEQS * (SEQ_LEN - 1)
 
 
 @pytest.mark.slow

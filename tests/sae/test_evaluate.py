@@ -4,6 +4,7 @@ padding never counts, and the model is left exactly as it was."""
 from __future__ import annotations
 
 import math
+from copy import deepcopy
 
 import pytest
 import torch
@@ -87,7 +88,9 @@ def test_identity_sae_recovers_everything_and_zero_sae_nothing(llama, batch, hoo
 
 def test_padding_is_neither_spliced_nor_scored(llama, batch):
     ids, mask = batch
-    result = evaluate_sae(llama, identity_sae(D), "blocks.0.hook_resid_post", input_ids=ids, attention_mask=mask)
+    keep_all = {"exclude_bos": False, "exclude_special_tokens": False}
+    result = evaluate_sae(llama, identity_sae(D), "blocks.0.hook_resid_post", input_ids=ids, attention_mask=mask,
+                          **keep_all)
     assert result["tokens"] == mask.sum()
     assert result["predicted_tokens"] == (mask.sum(1) - 1).sum()
     # the clean loss is the model's own loss on each unpadded sequence, weighted by its predicted tokens
@@ -99,21 +102,66 @@ def test_padding_is_neither_spliced_nor_scored(llama, batch):
     assert result["ce_loss_clean"] == pytest.approx(total / result["predicted_tokens"], rel=1e-5)
     # batches as dicts give the same numbers as input_ids=
     dicts = [{"input_ids": ids[a:a + 2], "attention_mask": mask[a:a + 2]} for a in range(0, 5, 2)]
-    again = evaluate_sae(llama, identity_sae(D), "blocks.0.hook_resid_post", dicts)
+    again = evaluate_sae(llama, identity_sae(D), "blocks.0.hook_resid_post", dicts, **keep_all)
     assert again == pytest.approx(result, rel=1e-6, abs=1e-9)
-    first = evaluate_sae(llama, identity_sae(D), "blocks.0.hook_resid_post", iter(dicts), max_batches=1)
+    first = evaluate_sae(llama, identity_sae(D), "blocks.0.hook_resid_post", iter(dicts), max_batches=1, **keep_all)
     assert first["tokens"] == mask[:2].sum()
 
 
 def test_exclude_bos_leaves_first_real_token_unspliced(llama, batch):
     ids, mask = batch
     hook = "blocks.0.hook_resid_post"
-    full = evaluate_sae(llama, zero_sae(D), hook, input_ids=ids, attention_mask=mask)
-    no_bos = evaluate_sae(llama, zero_sae(D), hook, input_ids=ids, attention_mask=mask, exclude_bos=True)
-    assert no_bos["tokens"] == full["tokens"] - ids.shape[0]
+    full = evaluate_sae(llama, zero_sae(D), hook, input_ids=ids, attention_mask=mask, exclude_bos=False)
+    no_bos = evaluate_sae(llama, zero_sae(D), hook, input_ids=ids, attention_mask=mask)  # the default
+    assert no_bos["tokens"] == full["tokens"] - ids.shape[0] and no_bos["excluded_tokens"] == ids.shape[0]
     assert no_bos["predicted_tokens"] == full["predicted_tokens"]
     assert no_bos["ce_loss_clean"] == pytest.approx(full["ce_loss_clean"], rel=1e-6)
     assert no_bos["ce_loss_spliced"] != pytest.approx(full["ce_loss_spliced"], rel=1e-6)
+
+
+def _noisy_sae(d: int, seed: int = 0) -> SparseAutoencoder:
+    """The identity SAE with a perturbed decoder: a reconstruction error that is not zero."""
+    sae = identity_sae(d)
+    with torch.no_grad():
+        sae.W_dec.add_(0.2 * torch.randn(sae.W_dec.shape, generator=torch.Generator().manual_seed(seed)))
+    return sae
+
+
+def _naive_fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    x, x_hat = x.double(), x_hat.double()
+    return float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def test_fvu_leaves_out_first_and_special_tokens_and_fvu_all_tokens_keeps_them(llama, batch):
+    ids, mask = batch
+    ids = ids.clone()
+    ids[1, 5], ids[2, 9] = 2, 1  # eos and bos ids of the tiny config inside the text
+    ids[4, 0] = 2  # ... one as a first token (left out once)
+    ids[0, 3] = 2  # ... and one under the padding: never counted
+    hook = "blocks.0.hook_resid_post"
+    sae = _noisy_sae(D)
+    result = evaluate_sae(llama, sae, hook, input_ids=ids, attention_mask=mask, batch_size=2)
+    # naive reference: the hook point's activations of the clean run, the SAE applied row by row
+    with torch.no_grad():
+        copy = deepcopy(llama)  # output_hidden_states leaves transformers' own hooks on the model it runs
+        h = copy(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]  # [b, s, d]
+        real = mask.bool()
+        first = real & (real.long().cumsum(1) == 1)
+        special = torch.isin(ids, torch.tensor([0, 1, 2]))  # pad, bos, eos of the tiny config
+        kept = real & ~first & ~special
+        recon = sae(h).reconstruction
+    assert result["tokens"] == kept.sum() == real.sum() - 5 - 2  # 5 first tokens, 2 special ones after them
+    assert result["excluded_tokens"] == 7
+    assert result["fvu"] == pytest.approx(_naive_fvu(h[kept], recon[kept]), rel=1e-5)
+    assert result["fvu_all_tokens"] == pytest.approx(_naive_fvu(h[real], recon[real]), rel=1e-5)
+    assert result["mse"] == pytest.approx(float((recon[kept] - h[kept]).double().pow(2).mean()), rel=1e-5)
+    # given ids replace the config's; with nothing left out both numbers agree
+    only_bos = evaluate_sae(llama, sae, hook, input_ids=ids, attention_mask=mask, special_token_ids=[])
+    assert only_bos["tokens"] == real.sum() - 5
+    everything = evaluate_sae(llama, sae, hook, input_ids=ids, attention_mask=mask, exclude_bos=False,
+                              exclude_special_tokens=False)
+    assert everything["fvu"] == pytest.approx(everything["fvu_all_tokens"], rel=1e-9)
+    assert everything["fvu"] == pytest.approx(result["fvu_all_tokens"], rel=1e-6)
 
 
 def test_hook_name_comes_from_the_sae_config(llama, batch):

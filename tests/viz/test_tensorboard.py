@@ -90,7 +90,9 @@ def test_views_read_back_with_tensorboard(tmp_path, store_path):
         stats = write_sae_views(writer, sae, store_path, step=7, num_features=5, contexts_per_feature=2)
     acc = _events(logdir)
     tags = acc.Tags()
-    assert {"sae/fvu", "sae/mse", "sae/l0", "sae/dead_fraction"} <= set(tags["scalars"])
+    assert {"sae/fvu", "sae/fvu_all_tokens", "sae/mse", "sae/l0", "sae/dead_fraction"} <= set(tags["scalars"])
+    assert acc.Scalars("sae/fvu_all_tokens")[0].value == pytest.approx(stats.fvu_all_tokens, rel=1e-6)
+    assert stats.rows == SEQS * (SEQ_LEN - 1) and stats.excluded_rows == SEQS  # position 0 is left out
     assert acc.Scalars("sae/l0")[0].step == 7
     assert acc.Scalars("sae/l0")[0].value == pytest.approx(stats.l0) and 0 < stats.l0 <= 2
     assert acc.Scalars("sae/fvu")[0].value == pytest.approx(stats.fvu, rel=1e-6) and stats.fvu < 0.5
@@ -246,12 +248,16 @@ def test_callback_with_the_sae_training_stack(tmp_path, store_path):
                                 callbacks=[SAETensorBoard(num_features=4, projector_points=20)],
                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                 log_every_n_steps=1)
-    trainer.fit(SAEModule(d_sae=48, k=4), datamodule=ActivationDataModule(str(store_path), batch_size=128,
-                                                                          num_workers=0, val_fraction=0.2))
+    module = SAEModule(d_sae=48, k=4)
+    trainer.fit(module, datamodule=ActivationDataModule(str(store_path), batch_size=128, num_workers=0,
+                                                        val_fraction=0.2, exclude_bos=False))
     logdir = Path(trainer.logger.log_dir)
     acc = _events(logdir)
     steps = [e.step for e in acc.Scalars("sae/fvu")]
     assert len(steps) == 2 and steps[-1] == trainer.global_step
+    # the datamodule's choice of rows carries over: with nothing left out both FVUs agree
+    fvu, fvu_all = acc.Scalars("sae/fvu")[-1].value, acc.Scalars("sae/fvu_all_tokens")[-1].value
+    assert fvu == pytest.approx(fvu_all, rel=1e-6)
     assert {step for step, _ in _text(acc, "sae/top_contexts/text_summary")} == set(steps)
     ((vectors, _),) = _projector(logdir)
     assert len(vectors) == 20 and len(vectors[0]) == D_IN
