@@ -18,6 +18,8 @@ import os
 import struct
 import sys
 
+from typing import Any
+
 import numpy as np
 
 
@@ -44,7 +46,15 @@ def main() -> None:
 
     shm = shared_memory.SharedMemory(name=sys.argv[1])
     shm.unlink()  # mapped by both processes now: drop the name, so a killed writer leaves nothing behind
-    ring = np.frombuffer(shm.buf, dtype=np.uint8)
+    try:
+        serve(h5py, np.frombuffer(shm.buf, dtype=np.uint8))
+    finally:  # the ring's views are gone (unless an error's traceback holds one): unmap before exit
+        with contextlib.suppress(BufferError):
+            shm.close()
+
+
+def serve(h5py: Any, ring: np.ndarray) -> None:
+    """Answer the writer's commands until it says ``exit`` or goes away."""
     fin, fout = sys.stdin.fileno(), sys.stdout.fileno()
     f = None
     datasets: dict = {}

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_llm_inst.store.format import ACTIVATION_DTYPES, ACTIVATIONS
+from lightning_llm_inst.store.format import ACTIVATION_DTYPES, ACTIVATIONS, NAME_RULE, name_problem
 
 __all__ = ["BufferPool", "ByteBudget", "Column", "as_numpy", "check_name"]
 
@@ -51,8 +51,10 @@ def as_numpy(value: Any, what: str, allowed: Mapping[str, str]) -> tuple[np.ndar
 
 
 def check_name(name: Any, what: str) -> str:
-    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
-        raise ValueError(f"{what} name {name!r} is not valid: use a non-empty string without '/'")
+    """``name`` if it can name an HDF5 dataset (and so a hook point or token field)."""
+    problem = name_problem(name)
+    if problem is not None:
+        raise ValueError(f"{what} name {name!r} is not valid: it {problem}; use {NAME_RULE}")
     return name
 
 

@@ -33,8 +33,10 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
     "StoreError",
+    "StoreLockedError",
     "StoreWriteError",
     "dataset_path",
+    "name_problem",
     "parse_bytes",
     "read_manifest",
     "shard_name",
@@ -90,6 +92,33 @@ class StoreWriteError(OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class StoreLockedError(StoreWriteError, StoreError):
+    """Another writer holds the store, or the part of it a writer needs, open (both a
+    :class:`StoreWriteError` and a :class:`StoreError`)."""
+
+
+NAME_RULE = "a non-empty string without '/' or NUL characters, not '.' or '..', encodable as UTF-8"
+
+
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot name a hook point or token field (an HDF5 dataset), or None."""
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not a string"
+    if not name:
+        return "is empty"
+    if "/" in name:
+        return "contains '/'"
+    if "\x00" in name:
+        return "contains a NUL character"
+    if name in (".", ".."):
+        return "is a path component"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "cannot be encoded as UTF-8"
+    return None
 
 
 def storage_dtype(dtype_name: str) -> np.dtype:
@@ -164,20 +193,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``directory/manifest.json``; raise :class:`StoreError` if unusable."""
-    path = Path(directory) / MANIFEST
-    try:
-        with open(path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except FileNotFoundError:
-        raise StoreError(f"no activation store at {os.fspath(directory)!r}: {MANIFEST} not found") from None
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"cannot read {os.fspath(path)!r}: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise StoreError(f"{os.fspath(path)!r} is not an activation-store manifest (format {FORMAT_NAME!r})")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise StoreError(
-            f"{os.fspath(path)!r} has format_version {version!r}; this library reads up to {FORMAT_VERSION}"
-        )
-    return manifest
+    """Read and check ``directory/manifest.json``; raise :class:`StoreError` if unusable
+    (see :func:`lightning_llm_inst.store.manifest.load_manifest`)."""
+    from lightning_llm_inst.store.manifest import load_manifest
+
+    return load_manifest(directory)

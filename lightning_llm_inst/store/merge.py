@@ -2,7 +2,9 @@
 
 Stage: end of a distributed capture. Each rank writes its own shards and manifest under
 ``rank<N>/``; after a barrier, rank 0 calls :func:`merge_rank_manifests`, which lists every
-rank's committed shards (paths relative to the store root) in ``manifest.json``.
+rank's committed shards (paths relative to the store root) in ``manifest.json``. Each rank's
+manifest is checked first (:mod:`.manifest`): a malformed one, or a shard path outside its
+rank folder, is a :class:`~lightning_llm_inst.store.format.StoreError`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_llm_inst.store.format import MANIFEST, StoreError, read_manifest, write_json_atomic
+from lightning_llm_inst.store.manifest import shard_path
 
 __all__ = ["merge_manifest_dicts", "merge_rank_manifests"]
 
@@ -65,7 +68,10 @@ def merge_rank_manifests(root: str | os.PathLike, world_size: int) -> dict[str, 
         sub = f"rank{r}"
         if not (root / sub / MANIFEST).exists():
             raise StoreError(f"cannot merge the store at {os.fspath(root)!r}: {sub}/{MANIFEST} is missing")
-        parts.append((sub, read_manifest(root / sub)))
+        m = read_manifest(root / sub)
+        for i, sh in enumerate(m["shards"]):  # a rank's shards lie in its own folder
+            shard_path(root / sub, sh["file"], f"shards[{i}].file", root / sub / MANIFEST)
+        parts.append((sub, m))
     merged = merge_manifest_dicts(parts)
     write_json_atomic(root / MANIFEST, merged)
     return merged

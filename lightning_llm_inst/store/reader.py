@@ -4,6 +4,13 @@ Stage: consumers of captured activations (analysis, SAE training, the CLI). Only
 manifest lists are read; anything else in the directory (an open or killed writer's
 ``*.tmp``) is reported, never trusted. Data is decoded by HDF5's own filter pipeline
 (``hdf5plugin``), so what this module reads is what any ``h5py`` user reads.
+
+Nothing read from disk is trusted blindly: the manifest is checked when the store opens
+(:mod:`.manifest`, every shard path must resolve inside the store), each shard's datasets
+are checked against the manifest (dtype, shape, rows, chunk layout) when the shard is first
+opened, and each chunk's CRC-32 is checked the first time a read decodes it. A mismatch is a
+:class:`~lightning_llm_inst.store.format.StoreError` naming the shard and what differs;
+:meth:`ActivationStore.verify` checks everything and reports every problem.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from lightning_llm_inst.store.format import (
     dataset_path,
     read_manifest,
 )
+from lightning_llm_inst.store.manifest import shard_path
 
 __all__ = ["ActivationStore", "ChunkShuffleBatchSampler", "ColumnInfo", "ColumnView", "VerifyReport"]
 
@@ -110,9 +118,14 @@ class ActivationStore:
     :class:`ColumnView` objects that slice and iterate into torch tensors in the stored dtype
     (bfloat16 included). Under DDP, a store whose rank folders have not been merged yet is
     read through the per-rank manifests.
+
+    Opening checks the manifest (a malformed one, or a shard path that leaves the store, is a
+    :class:`~lightning_llm_inst.store.format.StoreError`); reading checks each shard against
+    the manifest when it is first opened and, with ``check_chunks`` (default), each chunk's
+    recorded CRC-32 the first time it is decoded, so damaged data is an error, not garbage.
     """
 
-    def __init__(self, path: str | os.PathLike, *, cache_chunks: int = 64) -> None:
+    def __init__(self, path: str | os.PathLike, *, cache_chunks: int = 64, check_chunks: bool = True) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise StoreError(f"no activation store at {os.fspath(self.path)!r}: the path does not exist")
@@ -130,15 +143,23 @@ class ActivationStore:
                     raw_bytes=int(d.get("raw_bytes", 0)), stored_bytes=int(d.get("stored_bytes", 0)))
         self._shards: list[_Shard] = []
         start = 0
-        for entry in self.manifest["shards"]:
-            self._shards.append(_Shard(self.path / entry["file"], int(entry["rows"]), start, entry))
+        where = self.path / MANIFEST
+        for i, entry in enumerate(self.manifest["shards"]):
+            file = shard_path(self.path, entry["file"], f"shards[{i}].file", where)
+            self._shards.append(_Shard(file, int(entry["rows"]), start, entry))
             start += int(entry["rows"])
         self._starts = [s.start for s in self._shards]
         self.rows = start
         self._files: dict[Path, Any] = {}
+        self._datasets: dict[tuple[Path, str], Any] = {}  # (shard path, column key) -> open dataset
         self._pid = os.getpid()
         self._cache: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
         self._cache_chunks = cache_chunks
+        if not isinstance(check_chunks, bool):
+            raise TypeError(f"check_chunks must be True or False, got {check_chunks!r}")
+        self.check_chunks = check_chunks
+        # (shard index, column key) -> (recorded CRC-32 per chunk or None, chunks checked so far)
+        self._crc_state: dict[tuple[int, str], tuple[np.ndarray | None, np.ndarray]] = {}
         self.leftovers = self._find_leftovers()
         self.tokens = {c.name: ColumnView(self, c) for c in self._columns.values() if c.kind == TOKENS}
 
@@ -152,7 +173,13 @@ class ActivationStore:
             raise StoreError(f"no activation store at {os.fspath(self.path)!r}: {MANIFEST} not found")
         from lightning_llm_inst.store.merge import merge_manifest_dicts
 
-        return merge_manifest_dicts([(p.name, read_manifest(p)) for p in ranks])
+        parts = []
+        for p in ranks:
+            m = read_manifest(p)
+            for i, sh in enumerate(m["shards"]):  # each rank's shards lie in its own folder
+                shard_path(p, sh["file"], f"shards[{i}].file", p / MANIFEST)
+            parts.append((p.name, m))
+        return merge_manifest_dicts(parts)
 
     def _directories(self) -> list[Path]:
         dirs = {self.path}
@@ -221,25 +248,123 @@ class ActivationStore:
                 f"hooks={list(self.hooks)}, codec={self.codec.spec!r})")
 
     # ------------------------------------------------------------------ reading
-    def _file(self, path: Path) -> Any:
+    def _file(self, shard: _Shard) -> Any:
+        """The shard's open file, checked against the manifest when first opened."""
         if self._pid != os.getpid():  # after fork: h5py handles are not shareable
             self._files = {}
+            self._datasets = {}
             self._cache.clear()
             self._pid = os.getpid()
-        f = self._files.get(path)
+        f = self._files.get(shard.path)
         if f is None:
             import h5py
             import hdf5plugin  # noqa: F401 - registers the LZ4 / Zstd filters
 
             try:
-                f = h5py.File(path, "r", rdcc_nbytes=0)
+                f = h5py.File(shard.path, "r", rdcc_nbytes=0)
             except OSError as exc:
-                raise StoreError(f"cannot open shard {os.fspath(path)!r}: {exc}") from exc
-            self._files[path] = f
+                raise StoreError(f"cannot open shard {os.fspath(shard.path)!r}: {_one_line(exc)}") from exc
+            found: dict[tuple[Path, str], Any] = {}
+            try:
+                problems = self._shard_problems(f, shard, found)
+            except Exception as exc:  # noqa: BLE001 - an unreadable header is a damaged shard
+                problems = [f"cannot be read: {_one_line(exc)}"]
+            if problems:
+                f.close()
+                raise StoreError(f"shard {self._name(shard)!r} does not match the manifest: {problems[0]}"
+                                 + (f" (and {len(problems) - 1} more problem(s); run verify)" if len(problems) > 1
+                                    else ""))
+            self._files[shard.path] = f
+            self._datasets.update(found)
         return f
 
+    def _name(self, shard: _Shard) -> str:
+        return os.fspath(shard.path.relative_to(self.path))
+
+    def _shard_problems(self, f: Any, sh: _Shard, found: dict[tuple[Path, str], Any] | None = None) -> list[str]:
+        """What in an open shard file disagrees with the manifest (metadata only: cheap). The
+        datasets that agree go into ``found``, keyed by (shard path, column key)."""
+        import h5py
+
+        out = []
+        rows_attr = f.attrs.get("rows")
+        if rows_attr is not None and int(rows_attr) != sh.rows:
+            out.append(f"rows attribute is {int(rows_attr)}, the manifest says {sh.rows}")
+        for col in self._columns.values():
+            path = dataset_path(col.kind, col.name)
+            ds = f.get(path)
+            if not isinstance(ds, h5py.Dataset):
+                out.append(f"dataset {path} is missing")
+                continue
+            want_dtype = np.dtype(ACTIVATION_DTYPES[col.dtype])
+            if ds.dtype != want_dtype:
+                out.append(f"{path} dtype is {ds.dtype}, the manifest says {col.dtype} (stored as {want_dtype})")
+            logical = ds.attrs.get("dtype")
+            if isinstance(logical, bytes):
+                logical = logical.decode("utf-8", "replace")
+            if logical is not None and logical != col.dtype:
+                out.append(f"{path} dtype attribute is {logical!r}, the manifest says {col.dtype!r}")
+            want_shape = (sh.rows, *col.feature_shape)
+            if ds.shape != want_shape:
+                out.append(f"{path} shape is {ds.shape}, the manifest says {want_shape}")
+            want_chunks = (col.chunk_rows, *col.feature_shape)
+            if ds.chunks is not None and ds.chunks != want_chunks:
+                out.append(f"{path} chunks are {ds.chunks}, the manifest says {want_chunks}")
+            if found is not None:
+                found[(sh.path, f"{col.kind}/{col.name}")] = ds
+        return out
+
     def _dataset(self, shard: _Shard, col: ColumnInfo) -> Any:
-        return self._file(shard.path)[dataset_path(col.kind, col.name)]
+        key = (shard.path, f"{col.kind}/{col.name}")
+        ds = self._datasets.get(key) if self._pid == os.getpid() else None
+        if ds is None:
+            self._file(shard)  # opens and checks the shard: every column's dataset is known then
+            ds = self._datasets[key]
+        return ds
+
+    def _check_chunks(self, si: int, col: ColumnInfo, first: int, last: int) -> None:
+        """Check the CRC-32 of chunks ``first .. last`` of ``col`` in shard ``si`` (each only
+        the first time it is read) before HDF5 decodes them."""
+        if not self.check_chunks:
+            return
+        sh = self._shards[si]
+        key = (si, f"{col.kind}/{col.name}")
+        state = self._crc_state.get(key)
+        if state is None:
+            f = self._file(sh)
+            n_chunks = -(-sh.rows // col.chunk_rows)
+            cp = checksum_path(col.kind, col.name)
+            crcs = f.get(cp)
+            if crcs is not None:
+                crcs = np.asarray(crcs[()]).reshape(-1)
+                if crcs.shape != (n_chunks,):
+                    raise StoreError(f"shard {self._name(sh)!r}: {cp} holds {crcs.size} checksums for "
+                                     f"{n_chunks} chunks")
+            state = self._crc_state[key] = (crcs, np.zeros(n_chunks, dtype=bool))
+        crcs, done = state
+        if crcs is None:  # written by another tool: nothing recorded to check against
+            return
+        todo = np.flatnonzero(~done[first : last + 1]) + first
+        if not todo.size:
+            return
+        ds = self._dataset(sh, col)
+        rest = (0,) * len(col.feature_shape)
+        for ci in todo.tolist():
+            a = ci * col.chunk_rows
+            rows = f"rows {a}..{min(sh.rows, a + col.chunk_rows) - 1}"
+            try:
+                _, data = ds.id.read_direct_chunk((a, *rest))
+            except Exception as exc:  # noqa: BLE001 - a missing or unreadable chunk is damage
+                raise StoreError(f"shard {self._name(sh)!r}: {dataset_path(col.kind, col.name)} chunk {ci} ({rows}) "
+                                 f"cannot be read: {_one_line(exc)}") from exc
+            if zlib.crc32(data) != int(crcs[ci]):
+                raise StoreError(f"shard {self._name(sh)!r}: {dataset_path(col.kind, col.name)} chunk {ci} ({rows}) "
+                                 f"fails its CRC-32 check: the file is damaged (run verify)")
+            done[ci] = True
+
+    def _decode_error(self, sh: _Shard, col: ColumnInfo, a: int, b: int, exc: Exception) -> StoreError:
+        return StoreError(f"shard {self._name(sh)!r}: {dataset_path(col.kind, col.name)} rows {a}..{b - 1} cannot "
+                          f"be decoded: {_one_line(exc)}")
 
     def _shard_of(self, row: int) -> int:
         return bisect.bisect_right(self._starts, row) - 1
@@ -253,8 +378,13 @@ class ActivationStore:
             sh = self._shards[si]
             end = min(stop, sh.start + sh.rows)
             if end > pos:
-                self._dataset(sh, col).read_direct(out, np.s_[pos - sh.start : end - sh.start],
-                                                   np.s_[pos - start : end - start])
+                a, b = pos - sh.start, end - sh.start
+                self._check_chunks(si, col, a // col.chunk_rows, (b - 1) // col.chunk_rows)
+                ds = self._dataset(sh, col)
+                try:
+                    ds.read_direct(out, np.s_[a:b], np.s_[pos - start : end - start])
+                except OSError as exc:  # HDF5's filter failed on damaged bytes
+                    raise self._decode_error(sh, col, a, b, exc) from exc
             pos = end
         return out
 
@@ -266,7 +396,13 @@ class ActivationStore:
             return arr
         sh = self._shards[si]
         a = ci * col.chunk_rows
-        arr = self._dataset(sh, col)[a : min(sh.rows, a + col.chunk_rows)]
+        b = min(sh.rows, a + col.chunk_rows)
+        self._check_chunks(si, col, ci, ci)
+        ds = self._dataset(sh, col)
+        try:
+            arr = ds[a:b]
+        except OSError as exc:  # HDF5's filter failed on damaged bytes
+            raise self._decode_error(sh, col, a, b, exc) from exc
         self._cache[key] = arr
         if len(self._cache) > self._cache_chunks:
             self._cache.popitem(last=False)
@@ -297,6 +433,7 @@ class ActivationStore:
             except Exception:  # noqa: BLE001
                 pass
         self._files = {}
+        self._datasets = {}
         self._cache.clear()
 
     def __enter__(self) -> ActivationStore:
@@ -308,6 +445,7 @@ class ActivationStore:
     def __getstate__(self) -> dict[str, Any]:  # for DataLoader workers: reopen files there
         state = self.__dict__.copy()
         state["_files"] = {}
+        state["_datasets"] = {}
         state["_cache"] = OrderedDict()
         return state
 
@@ -337,8 +475,9 @@ class ActivationStore:
         """Read every committed shard and check it against its checksums and the manifest.
 
         Checks each listed shard exists with the recorded size, holds every column with the
-        recorded rows, shape and dtype, that every stored chunk matches its CRC32 and that
-        HDF5's filters decode it. ``progress(done, total)`` is called after each shard.
+        recorded rows, shape, dtype and chunk layout, that every stored chunk matches its
+        CRC32 and that HDF5's filters decode it. Problems are reported, never raised.
+        ``progress(done, total)`` is called after each shard.
         """
         import h5py
         import hdf5plugin  # noqa: F401
@@ -367,19 +506,15 @@ class ActivationStore:
     def _verify_shard(self, f: Any, sh: _Shard, name: str, rep: VerifyReport) -> None:
         if f.attrs.get("format") != FORMAT_NAME:
             rep.problems.append(f"{name}: format attribute is {f.attrs.get('format')!r}, not {FORMAT_NAME!r}")
-        if int(f.attrs.get("rows", -1)) != sh.rows:
-            rep.problems.append(f"{name}: rows attribute {f.attrs.get('rows')!r}, manifest says {sh.rows}")
+        if f.attrs.get("rows") is None:
+            rep.problems.append(f"{name}: rows attribute is missing, manifest says {sh.rows}")
+        found = self._shard_problems(f, sh)
+        rep.problems += [f"{name}: {p}" for p in found]
         for col in self._columns.values():
             path = dataset_path(col.kind, col.name)
-            if path not in f:
-                rep.problems.append(f"{name}: dataset {path} is missing")
-                continue
+            if any(p.startswith((f"{path} ", f"dataset {path} ")) for p in found):
+                continue  # already reported; its chunks cannot be checked against the manifest
             ds = f[path]
-            want_shape = (sh.rows, *col.feature_shape)
-            if ds.shape != want_shape or ds.dtype != np.dtype(ACTIVATION_DTYPES[col.dtype]):
-                rep.problems.append(f"{name}: {path} is {ds.shape} {ds.dtype}, expected {want_shape} "
-                                    f"{np.dtype(ACTIVATION_DTYPES[col.dtype])}")
-                continue
             crcs = f[checksum_path(col.kind, col.name)][()] if checksum_path(col.kind, col.name) in f else None
             n_chunks = -(-sh.rows // col.chunk_rows)
             if crcs is None or len(crcs) != n_chunks:
@@ -399,6 +534,10 @@ class ActivationStore:
                     continue
                 rep.chunks_checked += 1
         rep.rows_checked += sh.rows
+
+
+def _one_line(exc: object) -> str:
+    return " ".join(str(exc).split())
 
 
 def _writer_active(directory: Path) -> bool:

@@ -32,6 +32,7 @@ import logging
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 import weakref
@@ -61,12 +62,14 @@ from lightning_llm_inst.store.format import (
     TOKEN_DTYPES,
     TOKENS,
     StoreError,
+    StoreLockedError,
     StoreWriteError,
     parse_bytes,
     read_manifest,
     shard_name,
     write_json_atomic,
 )
+from lightning_llm_inst.store.manifest import shard_path
 from lightning_llm_inst.store.shard import OpenShard
 from lightning_llm_inst.store.shard_process import ProcessShard, ShardProcess
 
@@ -80,6 +83,7 @@ log = logging.getLogger(__name__)
 MODES = ("create", "append", "overwrite")
 ON_FULL = ("block", "drop")
 _DROP_LOG_INTERVAL_S = 10.0
+_INT64_MAX = (1 << 63) - 1
 WRITE_BEHIND = 64 * 2**20
 """Stored bytes of a shard after which its dirty pages are sent to the disk (when ``fsync``),
 so the disk is busy while the shard fills rather than only at its commit
@@ -88,6 +92,33 @@ so the disk is busy while the shard fills rather than only at its commit
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+_OPEN_WRITERS: weakref.WeakSet[StoreWriter] = weakref.WeakSet()
+_EXIT_HOOK = threading.Lock()
+_exit_hook_after_h5py = False
+
+
+def _close_when_exiting(writer: StoreWriter) -> None:
+    """Have ``writer`` closed at interpreter exit if it is still open then: complete batches
+    are committed and its threads stopped before h5py's own exit handler runs (closing HDF5
+    files after it crashes the interpreter). atexit runs handlers last-registered-first, so
+    ours is (re-)registered once h5py is imported: a writer that makes its HDF5 calls in this
+    process imports it first."""
+    global _exit_hook_after_h5py
+    with _EXIT_HOOK:
+        if writer._shard_process is None:
+            import h5py  # noqa: F401 - its exit handler is registered before ours
+        if not _exit_hook_after_h5py:
+            atexit.unregister(_close_open_writers)
+            atexit.register(_close_open_writers)
+            _exit_hook_after_h5py = "h5py" in sys.modules
+        _OPEN_WRITERS.add(writer)
+
+
+def _close_open_writers() -> None:
+    for w in list(_OPEN_WRITERS):
+        w._close_at_exit()
 
 
 @dataclass
@@ -147,6 +178,27 @@ class _Release:
             self._writer._release_failed(exc, self._hook)
 
 
+def _row_bytes(dtype: str, feature_shape: tuple[int, ...]) -> int:
+    return int(np.prod(feature_shape, dtype=np.int64)) * np.dtype(ACTIVATION_DTYPES[dtype]).itemsize
+
+
+def _ranks_writing(root: Path) -> list[str]:
+    """The ``rank<N>`` folders of ``root`` whose writer holds their lock now."""
+    found = []
+    for p in sorted(root.glob(f"rank*/{LOCK_FILE}")):
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            found.append(p.parent.name)
+        finally:
+            os.close(fd)
+    return found
+
+
 def _groups(flat: np.ndarray, n: int, group_rows: int, itemsize: int, elems: int) -> list[np.ndarray]:
     """Views of the groups of a grouped byte-plane buffer, each ``[itemsize, rows_g * F]``."""
     if n == 0:
@@ -189,6 +241,13 @@ class StoreWriter:
         shard_process: make the HDF5 calls in a child process (see
             :mod:`~lightning_llm_inst.store.shard_process`) so that a write the kernel stalls
             never holds this process's GIL; GPU captures turn it on.
+        max_pending_commits: closed shards that may wait for their commit besides the one
+            being committed (default 2, 0 or more). When that many wait, the batch that ends
+            the next shard waits too (``on_full="block"``) or is dropped (``"drop"``). So a
+            crash (``kill -9``) loses at most ``max_pending_commits + 2`` shards: the open
+            shard, the shards waiting and the shard being committed.
+
+    Subclasses may override :meth:`publish_shard` to wrap each shard's commit.
     """
 
     def __init__(
@@ -206,6 +265,7 @@ class StoreWriter:
         metadata: Mapping[str, Any] | None = None,
         fsync: bool = True,
         shard_process: bool = False,
+        max_pending_commits: int = 2,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not valid; choose one of: {', '.join(MODES)}")
@@ -217,6 +277,10 @@ class StoreWriter:
             raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
             raise ValueError(f"rank must be None or a non-negative integer, got {rank!r}")
+        if isinstance(max_pending_commits, bool) or not isinstance(max_pending_commits, int) or max_pending_commits < 0:
+            raise ValueError(f"max_pending_commits={max_pending_commits!r} is not valid; use an integer >= 0 (closed "
+                             f"shards that may wait for their commit)")
+        self.max_pending_commits = max_pending_commits
         self.codec = make_codec(codec)
         self.shard_size = parse_bytes(shard_size, "shard_size")
         self.chunk_size = parse_bytes(chunk_size, "chunk_size")
@@ -238,6 +302,7 @@ class StoreWriter:
         self.rank = rank
         self.recovered: list[dict[str, Any]] = []
         self._lock_fd: int | None = None
+        self._root_lock_fd: int | None = None  # a rank writer's shared lock on the store root
         self._columns: list[Column] | None = None
         self._hooks: dict[str, Column] = {}
         self._tokens: dict[str, Column] = {}
@@ -252,6 +317,10 @@ class StoreWriter:
         self._closed = False
         self._last_drop_log = 0.0
         self._manifest_lock = threading.Lock()
+        # shards ended by the caller and not yet committed (or discarded): at most max_pending_commits + 1
+        self._uncommitted = 0
+        self._commit_cond = threading.Condition()
+        self._commit_wait_s = 0.0
         self._open_directory(mode)
         if self._manifest.get("hooks") is not None:
             try:
@@ -269,9 +338,7 @@ class StoreWriter:
         self._committer = threading.Thread(target=self._commit_loop, name="llm-inst-commit", daemon=True)
         self._thread.start()
         self._committer.start()
-        ref = weakref.ref(self)
-        self._atexit = lambda: (w := ref()) is not None and w._close_at_exit()
-        atexit.register(self._atexit)
+        _close_when_exiting(self)
 
     # ------------------------------------------------------------------ opening
     def _open_directory(self, mode: str) -> None:
@@ -280,18 +347,15 @@ class StoreWriter:
             if d.exists() and not d.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory")
             d.mkdir(parents=True, exist_ok=True)
+            if self.rank is not None:
+                self._root_lock_fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
             self._lock_fd = os.open(d / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
+            self._release_lock()
             raise StoreWriteError(
                 f"cannot create activation store at {os.fspath(d)!r}: {exc.strerror or exc}", d, exc.errno
             ) from exc
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise StoreWriteError(f"another writer has the activation store at {os.fspath(d)!r} open", d,
-                                  exc.errno) from exc
+        self._take_locks()
         try:
             exists = (d / MANIFEST).exists()
             if exists and mode == "create":
@@ -301,6 +365,8 @@ class StoreWriter:
             if exists and mode == "append":
                 try:
                     self._manifest = read_manifest(d)
+                    for i, sh in enumerate(self._manifest["shards"]):  # listed paths stay inside the store
+                        shard_path(d, sh["file"], f"shards[{i}].file", d / MANIFEST)
                 except StoreError as exc:
                     raise StoreWriteError(str(exc), d / MANIFEST) from exc
                 self._clean_leftovers()
@@ -332,6 +398,32 @@ class StoreWriter:
             raise StoreWriteError(
                 f"cannot write activation store at {os.fspath(d)!r}: {exc.strerror or exc}", exc.filename or d,
                 exc.errno) from exc
+
+    def _take_locks(self) -> None:
+        """A writer without a rank locks the store root exclusively; a rank writer shares the
+        root's lock with the other ranks and locks its own folder exclusively. So rank writers
+        work side by side, and a writer without a rank excludes them all (in either order)."""
+        root, d = self.root, self.directory
+        if self._root_lock_fd is not None:
+            try:
+                fcntl.flock(self._root_lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                self._release_lock()
+                raise StoreLockedError(
+                    f"a writer without a rank has the activation store at {os.fspath(root)!r} open (it holds "
+                    f"{os.fspath(root / LOCK_FILE)!r}); StoreWriter(rank={self.rank}) cannot open beside it",
+                    root / LOCK_FILE, exc.errno) from exc
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]
+        except OSError as exc:
+            self._release_lock()
+            ranks = [] if self.rank is not None else _ranks_writing(root)
+            if ranks:
+                raise StoreLockedError(
+                    f"rank writer(s) {', '.join(ranks)} have the activation store at {os.fspath(root)!r} open; a "
+                    f"writer without a rank cannot open beside them", d / LOCK_FILE, exc.errno) from exc
+            raise StoreLockedError(f"another writer has the activation store at {os.fspath(d)!r} open (it holds "
+                                   f"{os.fspath(d / LOCK_FILE)!r})", d / LOCK_FILE, exc.errno) from exc
 
     def _clean_leftovers(self, record: bool = True) -> None:
         """Remove what a killed writer left: open shards, temp manifests, unlisted shards."""
@@ -425,6 +517,9 @@ class StoreWriter:
                 raise ValueError(f"token field {name!r}: expected shape [rows], got {tuple(arr.shape)}")
             if rows is not None and arr.shape[0] != rows:
                 raise ValueError(f"token field {name!r} has {arr.shape[0]} rows; the batch has {rows}")
+            if arr.dtype == np.uint64 and arr.size and int(arr.max()) > _INT64_MAX:
+                raise ValueError(f"token field {name!r} holds {int(arr.max())}, which does not fit int64; token values "
+                                 f"must lie in -2**63 .. 2**63-1")
             out[name] = (arr, dt)
         if self._columns is not None:
             self._check_known("token field", set(out), self._tokens)
@@ -497,8 +592,9 @@ class StoreWriter:
         return self._begin(rows, self._convert_tokens(tokens, rows))
 
     def _begin(self, rows: int, toks: dict[str, tuple[np.ndarray, str]]) -> bool:
-        if self._columns is not None and self.on_full == "drop" and rows and \
-                not self._budget.fits(self._bytes_needed(rows), self._ceiling):
+        if self._columns is not None and self.on_full == "drop" and rows and (
+                not self._budget.fits(self._bytes_needed(rows), self._ceiling)
+                or (self._shard_rows + rows >= self._rows_per_shard and not self._commit_slot_free())):
             self._batch = _Batch(rows, dropped=True)
             return False
         self._batch = _Batch(rows, tokens=toks)
@@ -520,6 +616,7 @@ class StoreWriter:
         """
         done = self._release_handle(release, hook)
         try:
+            check_name(hook, "hook point")
             if self._open_for(hook):
                 arr, dt = self._convert_activation(hook, value)
                 flat = arr.reshape(-1).view(np.uint8) if arr.flags.c_contiguous else None
@@ -559,12 +656,12 @@ class StoreWriter:
         """
         done = self._release_handle(release, hook)
         try:
+            check_name(hook, "hook point")
             if group_rows is not None and (isinstance(group_rows, bool) or not isinstance(group_rows, int)
                                            or group_rows < 1):
                 raise ValueError(f"group_rows must be None or a positive integer, got {group_rows!r}")
             if not self._open_for(hook):
                 return
-            check_name(hook, "hook point")
             if dtype not in ACTIVATION_DTYPES:
                 raise TypeError(f"hook point {hook!r}: dtype {dtype!r} is not one of {', '.join(ACTIVATION_DTYPES)}")
             arr, _ = as_numpy(planes, f"packed rows of {hook!r}", {"uint8": "|u1"})
@@ -632,6 +729,11 @@ class StoreWriter:
             if have == b.rows:
                 raise ValueError(f"hook point {hook!r} was already added to this batch")
             raise ValueError(f"hook point {hook!r} has {have + n} rows; the batch has {b.rows}")
+        if self._columns is None and not b.staged.get(hook):  # a new column of the first batch
+            known = {h: (p[0][1], p[0][3]) for h, p in b.staged.items() if p}
+            known[hook] = (dt, shape)
+            self._check_buffer_holds_rows([_row_bytes(d, s) for d, s in known.values()]
+                                          + [_row_bytes(d, ()) for _, d in b.tokens.values()])
         b.added[hook] = have + n
         if self._columns is None:  # the first batch defines the schema: keep a copy until it ends
             staged = b.staged.setdefault(hook, [])
@@ -682,6 +784,19 @@ class StoreWriter:
         self._shard_rows += b.rows
         if self._shard_rows >= self._rows_per_shard:
             self._end_shard()
+
+    def _check_buffer_holds_rows(self, row_bytes: list[int]) -> None:
+        """Fail early, before a first batch is staged, if ``max_buffer_bytes`` cannot hold even
+        one-row chunks of these columns (the schema's own check, with chunks of one row: a
+        lower bound of what it needs, so nothing that would fit is refused)."""
+        biggest = max(row_bytes, default=0)
+        need = (2 * len(row_bytes) + 1) * biggest + self.num_workers * (biggest + biggest // 128 + 1024) \
+            + self._pool.max_bytes
+        if need > self.max_buffer_bytes:
+            raise ValueError(
+                f"max_buffer_bytes={self.max_buffer_bytes} is too small to hold one row of each of {len(row_bytes)} "
+                f"columns (rows of up to {biggest} bytes) with {self.num_workers} workers; it needs at least {need} "
+                f"bytes")
 
     def _create_schema(self, hooks: dict[str, tuple[str, tuple[int, ...], bool]],
                        toks: dict[str, tuple[np.ndarray, str]]) -> None:
@@ -828,7 +943,30 @@ class StoreWriter:
             fut.set_result(self._compress_many(views, itemsize, shuffled, threads, owned))
             return fut
 
+    def _commit_slot_free(self) -> bool:
+        with self._commit_cond:
+            return self._uncommitted <= self.max_pending_commits
+
+    def _take_commit_slot(self) -> None:
+        """Count one more ended shard, first waiting while ``max_pending_commits + 1`` shards
+        (those waiting and the one being committed) are not committed yet: the backpressure
+        that bounds what a crash can lose."""
+        with self._commit_cond:
+            if self._uncommitted > self.max_pending_commits and self._error is None:
+                t0 = time.perf_counter()
+                while self._uncommitted > self.max_pending_commits and self._error is None:
+                    self._commit_cond.wait()
+                self._commit_wait_s += time.perf_counter() - t0
+            self._uncommitted += 1
+
+    def _commit_done(self) -> None:
+        """An ended shard is committed, or discarded after an error: its slot is free."""
+        with self._commit_cond:
+            self._uncommitted -= 1
+            self._commit_cond.notify_all()
+
     def _end_shard(self) -> None:
+        self._take_commit_slot()
         for c in self._columns:  # type: ignore[union-attr]
             if c.buf is not None and c.filled:
                 self._submit(c)
@@ -884,6 +1022,8 @@ class StoreWriter:
                         self._discard(item[4])
                     elif kind == "job":
                         self._discard_job(item[4], item[5])
+                    elif kind == "end":
+                        self._commit_done()
                     continue
                 if kind == "chunk":
                     _, col, chunk_index, valid, fut = item
@@ -933,6 +1073,8 @@ class StoreWriter:
                     shard = None
                 if kind == "chunk":
                     self._discard(item[4])
+                elif kind == "end":  # never reached the committer
+                    self._commit_done()
                 self._set_error(exc, where)
 
     def _open_shard(self, index: int) -> OpenShard | ProcessShard:
@@ -973,6 +1115,8 @@ class StoreWriter:
             self._error = err
             log.error("%s", err)
         self._budget.fail()
+        with self._commit_cond:
+            self._commit_cond.notify_all()
 
     def _discard(self, fut: Future) -> None:
         try:
@@ -990,6 +1134,8 @@ class StoreWriter:
             self._error = err
             log.error("%s", err)
         self._budget.fail()
+        with self._commit_cond:
+            self._commit_cond.notify_all()
 
     def _shard_attrs(self, index: int) -> dict[str, Any]:
         return {
@@ -1011,18 +1157,28 @@ class StoreWriter:
                 item[1].set()
                 continue
             _, shard, rows, totals = item
-            if self._error is not None:
-                shard.abort()
-                continue
             try:
-                self._commit(shard, rows, totals)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                shard.abort()
-                self._set_error(exc, shard.tmp)
+                if self._error is not None:
+                    shard.abort()
+                    continue
+                try:
+                    self._commit(shard, rows, totals)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    shard.abort()
+                    self._set_error(exc, shard.tmp)
+            finally:
+                self._commit_done()
+
+    def publish_shard(self, shard: OpenShard | ProcessShard) -> None:
+        """Make a closed shard durable under its final name: fsync it, rename it, fsync the
+        directory (committer thread; the manifest lists it after this returns). A subclass may
+        override this to wrap each commit (the tests slow commits down this way); it must
+        call ``super().publish_shard(shard)``."""
+        shard.publish(self.fsync)
 
     def _commit(self, shard: OpenShard, rows: int, totals: dict[str, tuple[int, int]]) -> None:
         t0 = time.perf_counter()
-        shard.publish(self.fsync)
+        self.publish_shard(shard)
         raw = sum(r for r, _ in totals.values())
         stored = sum(s for _, s in totals.values())
         with self._manifest_lock:
@@ -1101,7 +1257,7 @@ class StoreWriter:
             if self._shard_process is not None:
                 self._shard_process.close()
             self._release_lock()
-            atexit.unregister(self._atexit)
+            _OPEN_WRITERS.discard(self)
         if self._error is not None:
             raise self._error
 
@@ -1112,12 +1268,14 @@ class StoreWriter:
             log.error("closing activation store %s at exit failed: %s", self.directory, exc)
 
     def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+        for attr in ("_lock_fd", "_root_lock_fd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                setattr(self, attr, None)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                finally:
+                    os.close(fd)
 
     def __enter__(self) -> Self:
         return self
@@ -1160,7 +1318,7 @@ class StoreWriter:
             "buffered_bytes": self._budget.held,
             "peak_buffered_bytes": self._budget.peak,
             "max_buffer_bytes": self.max_buffer_bytes,
-            "time_blocked_s": self._budget.blocked_s,
+            "time_blocked_s": self._budget.blocked_s + self._commit_wait_s,
             "compress_s": s.compress_s,
             "write_s": s.write_s,
             "commit_s": s.commit_s,
