@@ -5,7 +5,7 @@
 """
 
 from lightning_llm_inst.store.codecs import Codec, make_codec
-from lightning_llm_inst.store.format import StoreError, StoreWriteError
+from lightning_llm_inst.store.format import StoreError, StoreLockedError, StoreWriteError
 from lightning_llm_inst.store.merge import merge_rank_manifests
 from lightning_llm_inst.store.reader import ActivationStore, ChunkShuffleBatchSampler, ColumnInfo, ColumnView, VerifyReport
 from lightning_llm_inst.store.writer import StoreWriter
@@ -17,6 +17,7 @@ __all__ = [
     "ColumnInfo",
     "ColumnView",
     "StoreError",
+    "StoreLockedError",
     "StoreWriteError",
     "StoreWriter",
     "VerifyReport",
