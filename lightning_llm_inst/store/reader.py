@@ -283,7 +283,7 @@ class ActivationStore:
 
     def _shard_problems(self, f: Any, sh: _Shard, found: dict[tuple[Path, str], Any] | None = None) -> list[str]:
         """What in an open shard file disagrees with the manifest (metadata only: cheap). The
-        datasets that agree go into ``found``, keyed by (shard path, column key)."""
+        datasets that agree with it go into ``found``, keyed by (shard path, column key)."""
         import h5py
 
         out = []
@@ -293,6 +293,7 @@ class ActivationStore:
         for col in self._columns.values():
             path = dataset_path(col.kind, col.name)
             ds = f.get(path)
+            before = len(out)
             if not isinstance(ds, h5py.Dataset):
                 out.append(f"dataset {path} is missing")
                 continue
@@ -310,7 +311,7 @@ class ActivationStore:
             want_chunks = (col.chunk_rows, *col.feature_shape)
             if ds.chunks is not None and ds.chunks != want_chunks:
                 out.append(f"{path} chunks are {ds.chunks}, the manifest says {want_chunks}")
-            if found is not None:
+            if found is not None and len(out) == before:
                 found[(sh.path, f"{col.kind}/{col.name}")] = ds
         return out
 
@@ -508,13 +509,13 @@ class ActivationStore:
             rep.problems.append(f"{name}: format attribute is {f.attrs.get('format')!r}, not {FORMAT_NAME!r}")
         if f.attrs.get("rows") is None:
             rep.problems.append(f"{name}: rows attribute is missing, manifest says {sh.rows}")
-        found = self._shard_problems(f, sh)
-        rep.problems += [f"{name}: {p}" for p in found]
+        agree: dict[tuple[Path, str], Any] = {}
+        rep.problems += [f"{name}: {p}" for p in self._shard_problems(f, sh, agree)]
         for col in self._columns.values():
             path = dataset_path(col.kind, col.name)
-            if any(p.startswith((f"{path} ", f"dataset {path} ")) for p in found):
-                continue  # already reported; its chunks cannot be checked against the manifest
-            ds = f[path]
+            ds = agree.get((sh.path, f"{col.kind}/{col.name}"))
+            if ds is None:
+                continue  # reported above; its chunks cannot be checked against the manifest
             crcs = f[checksum_path(col.kind, col.name)][()] if checksum_path(col.kind, col.name) in f else None
             n_chunks = -(-sh.rows // col.chunk_rows)
             if crcs is None or len(crcs) != n_chunks:
