@@ -20,6 +20,11 @@ A batch is given whole (:meth:`StoreWriter.append`) or hook by hook as a model r
 :meth:`~StoreWriter.abort_batch`), so no batch needs to be staged in full. A shard holds whole
 batches and is committed once it reaches ``shard_size``. Errors from the worker or writer
 threads are raised in the caller's thread, as :class:`StoreWriteError`.
+
+What a crash can lose is bounded: at most ``max_pending_commits`` closed shards wait for their
+commit besides the one being committed, and the batch that would close one more waits (or is
+dropped under ``on_full="drop"``). A writer still open at interpreter exit is closed then,
+before h5py's own exit handler runs.
 """
 
 from __future__ import annotations
