@@ -5,9 +5,10 @@ Run: ``make demo`` (or ``python examples/capture_smollm2.py [--out runs/demo] [-
 All 30 residual streams plus attention and MLP outputs of layers 0, 15 and 29 are captured
 over the corpus in ``examples/data`` (padding excluded), then the store's table, the capture
 throughput and a check against a direct forward pass are printed. Then a TopK SAE is trained on
-the layer-15 residual stream with ``llm-inst sae fit --config configs/sae_smollm2.yaml``, spliced
-back into the model on text it has not seen (CE loss recovered), and the TensorBoard command
-that shows its features is printed.
+the layer-15 residual stream with ``llm-inst sae fit --config configs/sae_smollm2.yaml`` (each
+text's first token, the attention sink, and special tokens left out, as by default), spliced back
+into the model on text it has not seen (CE loss recovered, FVU without and with those tokens), and
+the TensorBoard command that shows its features is printed.
 """
 
 from __future__ import annotations
@@ -83,9 +84,13 @@ def train_sae(lm: CausalLM, path: str, out: str) -> None:
         tok.pad_token = tok.eos_token
     enc = tok(texts, truncation=True, max_length=128, padding=True, return_tensors="pt")
     result = evaluate_sae(lm.model, sae, SAE_HOOK, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    print(f"spliced into the model on {int(result['tokens'])} unseen tokens: CE loss {result['ce_loss_clean']:.3f} clean, "
-          f"{result['ce_loss_spliced']:.3f} with the SAE, {result['ce_loss_zero']:.3f} zero-ablated -> "
-          f"CE loss recovered {result['ce_loss_recovered']:.2f}; FVU {result['fvu']:.3f}, L0 {result['l0']:.1f}")
+    print(f"spliced into the model on {int(result['tokens'])} unseen tokens (each text's first token and special "
+          f"tokens left as they were): CE loss {result['ce_loss_clean']:.3f} clean, {result['ce_loss_spliced']:.3f} "
+          f"with the SAE, {result['ce_loss_zero']:.3f} zero-ablated -> CE loss recovered "
+          f"{result['ce_loss_recovered']:.2f}; L0 {result['l0']:.1f}")
+    print(f"FVU {result['fvu']:.3f} without each text's first token and special tokens "
+          f"({result['fvu_all_tokens']:.3f} with them: the first token's residual norm is over 100x the others', "
+          "so it holds most of the variance and hides the error on every other token)")
     print(f"SAELens files: {run}/saelens (cfg.json, sae_weights.safetensors)")
     print(f"see the features (top contexts, densities, projector): tensorboard --logdir {logs}")
 
