@@ -11,7 +11,7 @@ class has a functional twin that computes the same value from one set of tensors
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -30,7 +30,8 @@ __all__ = [
     "reconstruction_mse",
 ]
 
-_FEATURE_REDUCTIONS = ("mean", "sum")
+FeatureReduction = Literal["mean", "sum"]
+_FEATURE_REDUCTIONS: tuple[str, ...] = get_args(FeatureReduction)
 _ACC = torch.float64  # accumulators: sums over millions of tokens must reduce exactly across ranks
 
 
@@ -58,7 +59,7 @@ def _check_positive_int(value: Any, what: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- functional
-def reconstruction_mse(x: Tensor, x_hat: Tensor, feature_reduction: str = "mean") -> Tensor:
+def reconstruction_mse(x: Tensor, x_hat: Tensor, feature_reduction: FeatureReduction = "mean") -> Tensor:
     """Mean over tokens of the squared error, averaged (``"mean"``) or summed (``"sum"``) over features."""
     if feature_reduction not in _FEATURE_REDUCTIONS:
         raise ValueError(f"feature_reduction={feature_reduction!r} is not valid; choose one of: "
@@ -131,7 +132,7 @@ class ReconstructionMSE(Metric):
     higher_is_better = False
     full_state_update = False
 
-    def __init__(self, feature_reduction: str = "mean", **kwargs: Any) -> None:
+    def __init__(self, feature_reduction: FeatureReduction = "mean", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if feature_reduction not in _FEATURE_REDUCTIONS:
             raise ValueError(f"feature_reduction={feature_reduction!r} is not valid; choose one of: "

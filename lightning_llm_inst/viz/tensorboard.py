@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -52,7 +52,8 @@ __all__ = ["SAETensorBoard", "write_sae_views"]
 logger = logging.getLogger(__name__)
 
 MAX_PROJECTOR_POINTS = 10_000
-VIEWS = ("scalars", "histograms", "contexts", "figure", "projector")
+View = Literal["scalars", "histograms", "contexts", "figure", "projector"]
+VIEWS: tuple[str, ...] = get_args(View)
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
 
 
@@ -156,7 +157,7 @@ def write_sae_views(writer: Any, sae: SparseAutoencoder | str | os.PathLike, sto
                     hook: str | None = None, *, tokenizer: Any = None, step: int = 0, prefix: str = "sae",
                     max_rows: int | None = 65_536, num_features: int = 16, contexts_per_feature: int = 3,
                     context_window: int = 8, projector_points: int = MAX_PROJECTOR_POINTS, seed: int = 0,
-                    views: tuple[str, ...] | list[str] = VIEWS, exclude_bos: bool = True,
+                    views: tuple[View, ...] | list[View] = VIEWS, exclude_bos: bool = True,
                     exclude_special_tokens: bool = True,
                     special_token_ids: list[int] | None = None) -> SAEFeatureStats:
     """Write the views listed in this module's docstring to ``writer`` (a ``SummaryWriter``).
