@@ -42,6 +42,20 @@ def pack_rows_torch(x: torch.Tensor, index: torch.Tensor | None, dtype: torch.dt
     if group_rows is not None and (isinstance(group_rows, bool) or not isinstance(group_rows, int) or group_rows < 1):
         raise ValueError(f"group_rows must be None or a positive integer, got {group_rows!r}")
     rows = x.reshape(x.shape[0], -1)  # [tokens, F]
+    if not shuffle:  # row-major: gather and cast straight into ``out``, no temporary of the rows
+        n_rows = rows.shape[0] if index is None else index.numel()
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if out.numel() != n_rows * rows.shape[1] * itemsize or out.dtype != torch.uint8:
+            raise ValueError(f"out must be uint8 with {n_rows * rows.shape[1] * itemsize} bytes, got {out.dtype} "
+                             f"with {out.numel()}")
+        dst = out.view(dtype).view(n_rows, rows.shape[1])  # [rows, F]
+        if index is None:
+            dst.copy_(rows)
+        elif rows.dtype == dtype:
+            torch.index_select(rows, 0, index, out=dst)
+        else:
+            dst.copy_(rows.index_select(0, index))
+        return out
     if index is not None:
         rows = rows.index_select(0, index)  # [rows, F]
     rows = rows.to(dtype)

@@ -36,6 +36,7 @@ from torch import nn
 from lightning_llm_inst.buffer.pack import pack_rows
 from lightning_llm_inst.buffer.ring_buffer import CaptureBuffers, Slice
 from lightning_llm_inst.capture.hooks import HookHandles, HookPoint, register_hooks
+from lightning_llm_inst.capture.memory import MemoryPlan
 from lightning_llm_inst.capture.tokens import TokenSelection, TokenSelector
 from lightning_llm_inst.store.writer import StoreWriter
 
@@ -67,6 +68,10 @@ class _Forward:
     fired: dict[str, int] = field(default_factory=dict)
     pending: Callable[[], TokenSelection] | None = None
     """Selection still to be made (token ids on their way to the host), at the first hook."""
+    held: int = 0
+    """Bytes of the first forward to a new store packed so far (held whole by the writer)."""
+    row_bytes: int = 0
+    """The largest row of the first forward's hook points so far."""
 
 
 @dataclass(frozen=True)
@@ -108,13 +113,23 @@ class CapturePipeline:
             are ``offset + k * stride`` (rank and world size under DDP keep them unique).
         copy_threads: threads copying host slices into the writer (default: several on a GPU,
             where a forward can yield tens of GB/s, one on a CPU).
+        memory: how the memory cap was cut into the host pool and the writer's budget; a
+            first forward that does not fit it is refused, and errors about memory name the cap
+            and the least one that would do.
+
+    Memory: the host pool and the writer's budget bound every byte the capture holds. The
+    first forward to a new store is held whole by the writer (it sets the store's layout),
+    counted against its budget: a first forward that cannot fit is refused at the hook point
+    where it outgrows the budget, and the first forward ends only once the writer has taken
+    it, so that a cap too small for the store's layout is an error of that forward.
     """
 
     def __init__(self, writer: StoreWriter, hook_points: list[HookPoint], selector: TokenSelector,
                  buffers: CaptureBuffers, *, storage_dtype: torch.dtype | None = None, on_full: str = "block",
                  impl: str = "torch", sequence_offset: int = 0, sequence_stride: int = 1,
-                 copy_threads: int | None = None) -> None:
+                 copy_threads: int | None = None, memory: MemoryPlan | None = None) -> None:
         self.writer = writer
+        self.memory = memory
         self.hook_points = list(hook_points)
         self.selector = selector
         self.buffers = buffers
@@ -147,6 +162,9 @@ class CapturePipeline:
         self._layouts: dict[tuple, _Layout] = {}
         self._group_rows: dict[str, int] = {}  # hook -> rows per packed group (the store's chunk rows)
         self._to_store = isinstance(writer, StoreWriter)
+        # the writer has no layout yet: the first forward is held whole (see the class docstring)
+        self._first_forward = self._to_store and bool(self.hook_points) and writer.chunk_rows(
+            self.hook_points[0].name) is None
         self._events: Any = None  # extension events for the fused pack + copy
         if buffers.cuda and impl == "cuda":
             from lightning_llm_inst.buffer import _backend
@@ -339,6 +357,8 @@ class CapturePipeline:
         index = None if sel.all_rows else sel.index
         rows = sel.rows
         row_bytes = lay.row_elems * lay.itemsize
+        if self._first_forward:
+            self._check_first_forward(fwd, hp, rows, row_bytes)
         per_part = max(1, self.buffers.max_slice // max(1, row_bytes))
         group = self._groups_of(hp.name) if self.shuffle else None
         if group is not None and per_part > group:  # parts of whole groups: each starts a chunk
@@ -355,6 +375,47 @@ class CapturePipeline:
         self._counters.hook_calls += 1
         self._counters.bytes_packed += rows * row_bytes
         self._counters.hook_s += time.perf_counter() - t0
+
+    def _check_first_forward(self, fwd: _Forward, hp: HookPoint, rows: int, row_bytes: int) -> None:
+        """Refuse, before packing it, a first forward (held whole by the writer) or a row that
+        the memory cap cannot hold."""
+        fwd.held += rows * row_bytes
+        fwd.row_bytes = max(fwd.row_bytes, row_bytes)
+        plan = self.memory
+        if plan is None:
+            return
+        done = len(fwd.fired) + 1
+        if not plan.fits(fwd.row_bytes):
+            raise ValueError(self._cap_message(
+                f"rows of hook point {hp.name!r} have {row_bytes} bytes, and the host pool must hold a row and the "
+                f"store writer two chunks of at least a row per column", plan.least_gb(fwd.row_bytes)))
+        if not plan.fits(fwd.row_bytes, fwd.held):
+            whole = fwd.held * len(self.hook_points) // done  # if the hook points still to run are alike
+            raise ValueError(self._cap_message(
+                f"the first batch ({rows} rows) holds at least {fwd.held} bytes of activations ({done} of "
+                f"{len(self.hook_points)} hook points), and it is held whole until it ends since it sets the "
+                f"store's layout (later batches stream in chunks); capture a smaller first batch, or",
+                plan.least_gb(fwd.row_bytes, max(whole, fwd.held))))
+
+    def _cap_message(self, what: str, least: float | None) -> str:
+        """One line: ``what`` does not fit the cap the user set, and the least cap that does."""
+        cap = f"max_memory_gb={self.memory.max_memory_gb}" if self.memory is not None else "the capture's memory"
+        sep = " set" if what.endswith(", or") else "; set"
+        return f"{cap} is too small: {what}{sep} max_memory_gb to at least {least:g}" if least is not None else \
+            f"{cap} is too small: {what}"
+
+    def _explain(self, exc: BaseException) -> BaseException:
+        """A writer error about its budget (``max_buffer_bytes``), restated as one about the cap
+        the user set, with the least cap that would do."""
+        text = str(exc)
+        if self.memory is None or not isinstance(exc, ValueError) or "max_buffer_bytes=" not in text:
+            return exc
+        fwd_rows = max((lay.row_elems * lay.itemsize for lay in self._layouts.values()), default=0)
+        staged = getattr(exc, "first_batch_bytes", None) or 0
+        out = ValueError(self._cap_message(f"the store writer's share of it ({self.writer.max_buffer_bytes} bytes) "
+                                           f"is short: {text}", self.memory.least_gb(fwd_rows, staged)))
+        out.__cause__ = exc
+        return out
 
     def _layout(self, x: torch.Tensor, feature: tuple[int, ...]) -> _Layout:
         key = (x.dtype, x.is_cuda, feature)
@@ -434,6 +495,10 @@ class CapturePipeline:
         c.rows += fwd.sel.rows
         if fwd.sel.rows:
             self._row_bytes = c.bytes_packed // max(1, c.rows)
+        if self._first_forward:  # once: the writer sets the store's layout; its errors are this forward's
+            self._sync(flush=False)
+            self._raise_if_failed()
+            self._first_forward = False
 
     def abort_forward(self) -> None:
         """Forget the open forward (it raised): none of its rows are stored."""
@@ -547,6 +612,7 @@ class CapturePipeline:
 
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
+            exc = self._explain(exc)
             self._error = exc
             self.buffers.fail(exc)
             log.error("activation capture failed: %s", exc)

@@ -18,6 +18,7 @@ from torch import nn
 from lightning_llm_inst._version import __version__
 from lightning_llm_inst.buffer.ring_buffer import CaptureBuffers
 from lightning_llm_inst.capture.hooks import HookPoint, resolve_hook_points
+from lightning_llm_inst.capture.memory import MemoryPlan
 from lightning_llm_inst.capture.pipeline import CapturePipeline
 from lightning_llm_inst.capture.sink import ActivationSink
 from lightning_llm_inst.capture.tokens import TokenSelector
@@ -134,9 +135,12 @@ def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: 
         **(metadata or {}),
     }
     first_sequence = _next_sequence_id(output_path) if mode == "append" and output_path is not None else 0
+    workers = config.workers()
+    memory = MemoryPlan(config, len(hook_points), cuda=device.type == "cuda")
+    _, _, chunk_size = memory.sizes()
     writer = sink if sink is not None else StoreWriter(output_path, codec=config.codec_spec, mode=mode, shard_size=config.shard_size,
-                         chunk_size=config.chunk_size or ("4MiB" if device.type == "cuda" else "1MiB"),
-                         max_buffer_bytes=writer_bytes, num_workers=config.workers(),
+                         chunk_size=chunk_size,
+                         max_buffer_bytes=writer_bytes, num_workers=workers,
                          on_full="block", rank=rank, metadata=meta, fsync=config.fsync,
                          shard_process=_shard_process(device))
     try:
@@ -149,7 +153,7 @@ def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: 
         pipeline = CapturePipeline(writer, hook_points, selector, buffers, storage_dtype=dtype,
                                    on_full=config.on_full, impl=pick_impl(config, device),
                                    sequence_offset=first_sequence + (rank or 0), sequence_stride=max(1, world_size),
-                                   copy_threads=config.copy_threads)
+                                   copy_threads=config.copy_threads, memory=memory)
     except BaseException:
         writer.close()
         raise

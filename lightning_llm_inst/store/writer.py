@@ -204,6 +204,23 @@ def _ranks_writing(root: Path) -> list[str]:
     return found
 
 
+def _staged_bytes(b: _Batch) -> int:
+    return sum(int(arr.nbytes) for parts in b.staged.values() for arr, *_ in parts)
+
+
+def _too_small(limit: int, rows: int, held: int, need: int | None) -> ValueError:
+    """The first batch is held whole until it ends (it sets the store's layout), and that
+    copy counts against ``max_buffer_bytes``; later batches stream through in chunks."""
+    exc = ValueError(
+        f"max_buffer_bytes={limit} cannot hold the first batch ({rows} rows, "
+        f"{'at least ' if need is None else ''}{held} bytes of activations), which is held whole until it ends "
+        f"since it sets the store's layout (later batches stream in chunks); "
+        + ("use a smaller first batch" if need is None else f"it needs at least {need} bytes"))
+    exc.needed_bytes = need  # type: ignore[attr-defined]
+    exc.first_batch_bytes = held  # type: ignore[attr-defined]
+    return exc
+
+
 def _groups(flat: np.ndarray, n: int, group_rows: int, itemsize: int, elems: int) -> list[np.ndarray]:
     """Views of the groups of a grouped byte-plane buffer, each ``[itemsize, rows_g * F]``."""
     if n == 0:
@@ -745,6 +762,10 @@ class StoreWriter:
             if staged and (staged[0][1], staged[0][3]) != (dt, shape):
                 raise ValueError(f"hook point {hook!r}: part with dtype {dt} {shape} differs from the first part's "
                                  f"{staged[0][1]} {staged[0][3]}")
+            nbytes = sum(int(p.nbytes) for p in parts)
+            if self._budget.held + nbytes > self.max_buffer_bytes:  # its copies count: refuse what cannot fit
+                raise _too_small(self.max_buffer_bytes, b.rows, self._budget.held + nbytes, None)
+            self._budget.force(nbytes)
             staged.extend((np.array(p, copy=True), dt, planes, shape) for p in parts)
             return
         c = self._hooks[hook]
@@ -817,19 +838,30 @@ class StoreWriter:
         if not b.staged:
             self._batch = None
             raise ValueError("a batch needs at least one hook point; none was added")
+        staged = _staged_bytes(b)
         try:
             self._create_schema({n: (parts[0][1], parts[0][3], parts[0][2]) for n, parts in b.staged.items()},
                                 b.tokens)
+            # the staged copies are fed into chunk buffers, each freed once fed: that needs room for
+            # all of them, an open chunk per column and one more besides the workers' share
+            cols = self._columns or []
+            need = staged + (len(cols) + 1) * max(c.chunk_bytes for c in cols) + self.max_buffer_bytes - self._ceiling
+            if need > self.max_buffer_bytes:
+                raise _too_small(self.max_buffer_bytes, b.rows, staged, need)
         except ValueError:
             self._batch = None
+            self._budget.release(staged)
+            b.staged.clear()
             raise
         for c in self._columns:  # type: ignore[union-attr]
             c.mark_batch_start()
         for name, (arr, _) in b.tokens.items():
             self._feed(self._tokens[name], arr)
         for name, parts in b.staged.items():
-            for arr, _, planes, _ in parts:
+            while parts:
+                arr, _, planes, _ = parts.pop(0)
                 self._feed(self._hooks[name], arr, planes)
+                self._budget.release(arr.nbytes)
         b.staged.clear()
 
     def abort_batch(self) -> None:
@@ -838,6 +870,9 @@ class StoreWriter:
         if b is None:
             return
         self._batch = None
+        if b.staged:  # a first batch's copies: freed
+            self._budget.release(_staged_bytes(b))
+            b.staged.clear()
         if b.dropped or self._columns is None:
             return
         for c in self._columns:
