@@ -11,7 +11,7 @@ import enum
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 __all__ = ["HookGranularity", "InstrumentationConfig"]
 
@@ -56,7 +56,7 @@ class InstrumentationConfig:
 
     granularity: HookGranularity = HookGranularity.ALL
     """Which hook points of every layer: ALL, ATTENTION_ONLY, FFN_ONLY or RESIDUAL."""
-    compression_algorithm: str | None = "zstd"
+    compression_algorithm: Literal["lz4", "zstd"] | None = "zstd"
     """``"lz4"``, ``"zstd"`` or ``None`` (no compression)."""
     target_throughput_gbps: float = 2.0
     """Raw GB/s of activations the capture should sustain; sizes the compression pool."""
@@ -71,9 +71,9 @@ class InstrumentationConfig:
     """Zstd level (1-22); ``None`` means 1 (fast) for captures."""
     shuffle: bool = True
     """Byte-shuffle chunks before compressing (HDF5 filter 2)."""
-    storage_dtype: str | None = None
+    storage_dtype: Literal["float32", "float16", "bfloat16"] | None = None
     """Store rows as ``"float32"``, ``"float16"`` or ``"bfloat16"``; ``None`` keeps the model's dtype."""
-    on_full: str = "block"
+    on_full: Literal["block", "drop"] = "block"
     """When buffers are full: ``"block"`` (wait; nothing lost) or ``"drop"`` (skip the batch, counted)."""
     drop_bos: bool = False
     """Do not store position 0 of each sequence."""
@@ -89,7 +89,7 @@ class InstrumentationConfig:
     write), 1 MiB on a CPU."""
     num_workers: int | None = None
     """Compression threads; ``None`` derives them from ``target_throughput_gbps``."""
-    buffer_impl: str = "auto"
+    buffer_impl: Literal["auto", "cuda", "torch"] = "auto"
     """Pack step: ``"auto"`` (CUDA kernel when it builds, else torch), ``"cuda"`` or ``"torch"``."""
     gpu_buffer_mb: int = 512
     """Size of the GPU ring (CUDA only), in MiB."""

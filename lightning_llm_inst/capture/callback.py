@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn, get_args
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
 from typing_extensions import override
 
 from lightning_llm_inst.capture.pipeline import BatchContext, CapturePipeline
@@ -30,7 +31,72 @@ __all__ = ["ActivationCapture"]
 
 log = logging.getLogger(__name__)
 
-STAGES = ("fit", "validate", "test", "predict")
+Granularity = Literal["all", "attention_only", "ffn_only", "residual"]
+CodecName = Literal["zstd", "lz4", "none"]
+StorageDtype = Literal["float32", "float16", "bfloat16"]
+OnFull = Literal["block", "drop"]
+Stage = Literal["fit", "validate", "test", "predict"]
+Mode = Literal["create", "append", "overwrite"]
+STAGES: tuple[str, ...] = get_args(Stage)
+MODES: tuple[str, ...] = get_args(Mode)
+CODECS: tuple[str, ...] = get_args(CodecName)
+_ALIASES = {"compression": "codec", "compression_level": "codec_level"}
+
+
+def _fail(name: str, value: Any, allowed: str) -> NoReturn:
+    raise ValueError(f"ActivationCapture: {name}={value!r} is not valid; {allowed}")
+
+
+def _deprecated_aliases(codec: Any, codec_level: Any, given: dict[str, Any]) -> tuple[Any, Any]:
+    """``compression`` / ``compression_level`` (the earlier names) mapped to ``codec`` /
+    ``codec_level``, with a deprecation warning; an error if both names of one are given."""
+    unknown = sorted(set(given) - set(_ALIASES))
+    if unknown:
+        raise TypeError(f"ActivationCapture got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    out = {"codec": codec, "codec_level": codec_level}
+    defaults = {"codec": "zstd", "codec_level": None}
+    for old, new in _ALIASES.items():
+        if old not in given:
+            continue
+        if out[new] != defaults[new]:
+            raise ValueError(f"ActivationCapture: give {new}= only; {old}= is its deprecated name "
+                             f"(got {new}={out[new]!r} and {old}={given[old]!r})")
+        rank_zero_deprecation(f"ActivationCapture({old}=...) is deprecated; use {new}=... (the same values)")
+        out[new] = given[old]
+    return out["codec"], out["codec_level"]
+
+
+def _codec(codec: Any, level: Any) -> tuple[str | None, int | None]:
+    """``codec`` (``"zstd:N"`` sets the level too; ``None`` is ``"none"``) as the config's
+    ``compression_algorithm`` and ``compression_level``."""
+    if isinstance(codec, str) and codec.startswith("zstd:"):
+        try:
+            n = int(codec.split(":", 1)[1])
+        except ValueError:
+            _fail("codec", codec, "use zstd:N with an integer level N")
+        if level is not None and level != n:
+            _fail("codec_level", level, f"leave it unset with codec={codec!r}")
+        codec, level = "zstd", n
+    if codec is None:
+        codec = "none"
+    if codec not in CODECS:
+        _fail("codec", codec, f"choose one of: {', '.join(map(repr, CODECS))} (in Python also None, 'zstd:N')")
+    if level is not None and codec != "zstd":
+        _fail("codec_level", level, "only zstd has levels; leave it unset")
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 22):
+        _fail("codec_level", level, "use an integer from 1 to 22")
+    return (None if codec == "none" else codec), level
+
+
+def _granularity(value: Any) -> HookGranularity:
+    """A granularity value (``"ffn_only"``), its enum member, or (in Python) its name."""
+    if isinstance(value, HookGranularity):
+        return value
+    if isinstance(value, str):
+        for g in HookGranularity:
+            if value.lower() == g.value:
+                return g
+    _fail("granularity", value, f"choose one of: {', '.join(repr(g.value) for g in HookGranularity)}")
 
 
 class ActivationCapture(Callback):
@@ -38,12 +104,14 @@ class ActivationCapture(Callback):
 
     Args:
         output_path: directory; each stage writes ``<output_path>/<stage>``.
-        granularity: ``"all"``, ``"attention_only"``, ``"ffn_only"`` or ``"residual"``.
+        granularity: ``"all"``, ``"attention_only"``, ``"ffn_only"`` or ``"residual"`` (or a
+            :class:`HookGranularity`).
         hooks: explicit hook spec (TransformerLens names, globs over module names), instead
             of ``granularity``.
         layers: layer selection (int, list, or text such as ``"0-5,10"``).
-        compression: ``"zstd"``, ``"lz4"`` or ``None``.
-        compression_level: zstd level (default 1).
+        codec: ``"zstd"``, ``"lz4"`` or ``"none"`` (in Python also ``None``, and ``"zstd:N"`` for
+            a level). ``compression`` is its deprecated name.
+        codec_level: zstd level, 1 to 22 (default 1). ``compression_level`` is its deprecated name.
         target_throughput_gbps: raw GB/s the capture should sustain (sizes the worker pool).
         max_memory_gb: host memory the capture may hold.
         storage_dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` or ``None`` (model dtype).
@@ -69,48 +137,52 @@ class ActivationCapture(Callback):
     def __init__(
         self,
         output_path: str,
-        granularity: str = "all",
+        granularity: Granularity = "all",
         hooks: str | list[str] | None = None,
         layers: int | list[int] | str | None = None,
-        compression: str | None = "zstd",
-        compression_level: int | None = None,
+        codec: CodecName = "zstd",
+        codec_level: int | None = None,
         target_throughput_gbps: float = 2.0,
         max_memory_gb: float = 4.0,
-        storage_dtype: str | None = None,
-        on_full: str = "block",
+        storage_dtype: StorageDtype | None = None,
+        on_full: OnFull = "block",
         drop_bos: bool = False,
         drop_token_ids: list[int] | None = None,
         position_window: tuple[int, int | None] | None = None,
         include_padding: bool = False,
         pad_token_id: int | None = None,
         shard_size: int | str = "256MiB",
-        stages: list[str] | tuple[str, ...] = ("validate", "test", "predict"),
+        stages: Sequence[Stage] = ("validate", "test", "predict"),
         model_attr: str | None = None,
         input_ids_key: str = "input_ids",
         attention_mask_key: str = "attention_mask",
         sequence_id_key: str | None = "sequence_id",
-        mode: str = "create",
+        mode: Mode = "create",
         log_every_n_batches: int = 50,
+        **deprecated: Any,
     ) -> None:
         super().__init__()
+        codec, codec_level = _deprecated_aliases(codec, codec_level, deprecated)
         if not isinstance(output_path, (str, os.PathLike)) or not os.fspath(output_path):
-            raise ValueError(f"output_path must be a directory path, got {output_path!r}")
-        bad = [s for s in stages if s not in STAGES]
-        if bad or not stages:
-            raise ValueError(f"stages={list(stages)!r} is not valid; choose from: {', '.join(STAGES)}")
-        if mode not in ("create", "append", "overwrite"):
-            raise ValueError(f"mode={mode!r} is not valid; choose one of: create, append, overwrite")
-        if not isinstance(log_every_n_batches, int) or log_every_n_batches < 1:
-            raise ValueError(f"log_every_n_batches must be a positive integer, got {log_every_n_batches!r}")
-        self.config = InstrumentationConfig(
-            granularity=HookGranularity(granularity) if isinstance(granularity, str) and granularity.lower() in
-            {g.value for g in HookGranularity} else granularity,  # type: ignore[arg-type]
-            compression_algorithm=compression, target_throughput_gbps=target_throughput_gbps,
-            max_memory_gb=max_memory_gb, hooks=hooks, layers=layers, compression_level=compression_level,
-            storage_dtype=storage_dtype, on_full=on_full, drop_bos=drop_bos, drop_token_ids=list(drop_token_ids or []),
-            position_window=position_window, shard_size=shard_size, include_padding=include_padding,
-            pad_token_id=pad_token_id,
-        )
+            _fail("output_path", output_path, "give a directory path")
+        if isinstance(stages, str) or not stages or any(s not in STAGES for s in stages):
+            _fail("stages", list(stages) if not isinstance(stages, str) else stages,
+                  f"choose from: {', '.join(STAGES)}")
+        if mode not in MODES:
+            _fail("mode", mode, f"choose one of: {', '.join(MODES)}")
+        if isinstance(log_every_n_batches, bool) or not isinstance(log_every_n_batches, int) or log_every_n_batches < 1:
+            _fail("log_every_n_batches", log_every_n_batches, "use a positive integer")
+        codec, codec_level = _codec(codec, codec_level)
+        try:
+            self.config = InstrumentationConfig(
+                granularity=_granularity(granularity), compression_algorithm=codec,
+                target_throughput_gbps=target_throughput_gbps, max_memory_gb=max_memory_gb, hooks=hooks, layers=layers,
+                compression_level=codec_level, storage_dtype=storage_dtype, on_full=on_full, drop_bos=drop_bos,
+                drop_token_ids=list(drop_token_ids or []), position_window=position_window, shard_size=shard_size,
+                include_padding=include_padding, pad_token_id=pad_token_id,
+            )
+        except ValueError as exc:  # the same argument names, but for compression_algorithm / _level (checked above)
+            raise ValueError(str(exc).replace("InstrumentationConfig.", "ActivationCapture: ", 1)) from None
         self.output_path = Path(output_path)
         self.stages = tuple(stages)
         self.model_attr = model_attr

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_llm_inst.capture.callback import ActivationCapture
-from lightning_llm_inst.config import InstrumentationConfig
+from lightning_llm_inst.config import HookGranularity, InstrumentationConfig
 from lightning_llm_inst.framework import InstrumentationFramework
 from lightning_llm_inst.store import ActivationStore
 from lightning_llm_inst.store import shard as shard_mod
@@ -134,14 +134,61 @@ def test_counters_go_to_the_trainers_logger(tmp_path):
 
 @pytest.mark.parametrize("kwargs, needle", [
     ({"stages": ["train"]}, "stages=['train'] is not valid; choose from: fit, validate, test, predict"),
-    ({"granularity": "everything"}, "granularity='everything' is not valid"),
-    ({"compression": "gzip"}, "compression_algorithm='gzip' is not valid; choose one of: 'lz4', 'zstd', None"),
-    ({"on_full": "wait"}, "on_full='wait' is not valid"),
+    ({"granularity": "everything"},
+     "granularity='everything' is not valid; choose one of: 'all', 'attention_only', 'ffn_only', 'residual'"),
+    ({"codec": "gzip"}, "codec='gzip' is not valid; choose one of: 'zstd', 'lz4', 'none'"),
+    ({"codec": "lz4", "codec_level": 3}, "codec_level=3 is not valid; only zstd has levels"),
+    ({"codec_level": 30}, "codec_level=30 is not valid; use an integer from 1 to 22"),
+    ({"on_full": "wait"}, "on_full='wait' is not valid; choose one of: 'block', 'drop'"),
+    ({"storage_dtype": "int8"}, "storage_dtype='int8' is not valid; choose one of: None, 'float32', 'float16'"),
+    ({"mode": "replace"}, "mode='replace' is not valid; choose one of: create, append, overwrite"),
+    ({"max_memory_gb": 0}, "max_memory_gb=0 is not valid; use a positive number"),
 ])
 def test_bad_callback_arguments(tmp_path, kwargs, needle):
     with pytest.raises(ValueError) as err:
         ActivationCapture(tmp_path, **kwargs)
-    assert needle in str(err.value)
+    msg = str(err.value)
+    assert msg.startswith("ActivationCapture: ") and needle in msg and "\n" not in msg, msg
+
+
+def test_codec_forms_and_deprecated_names(tmp_path):
+    assert ActivationCapture(tmp_path).config.codec_spec == "zstd:1"
+    assert ActivationCapture(tmp_path, codec="lz4").config.codec_spec == "lz4"
+    assert ActivationCapture(tmp_path, codec="none").config.codec_spec == "none"
+    assert ActivationCapture(tmp_path, codec=None).config.codec_spec == "none"
+    assert ActivationCapture(tmp_path, codec="zstd", codec_level=7).config.codec_spec == "zstd:7"
+    assert ActivationCapture(tmp_path, codec="zstd:5").config.codec_spec == "zstd:5"
+    assert ActivationCapture(tmp_path, granularity=HookGranularity.FFN_ONLY).config.granularity is \
+        HookGranularity.FFN_ONLY
+    with pytest.deprecated_call(match="use codec="):
+        assert ActivationCapture(tmp_path, compression="lz4").config.codec_spec == "lz4"
+    with pytest.deprecated_call(match="use codec="):
+        assert ActivationCapture(tmp_path, compression=None).config.codec_spec == "none"  # the seed's None
+    with pytest.deprecated_call(match="use codec_level="):
+        assert ActivationCapture(tmp_path, compression_level=3).config.codec_spec == "zstd:3"
+    with pytest.raises(ValueError, match="give codec= only; compression= is its deprecated name"):
+        ActivationCapture(tmp_path, codec="lz4", compression="zstd")
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'compresion'"):
+        ActivationCapture(tmp_path, compresion="lz4")
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("codec: gzip", "codec=gzip is not valid; choose one of: 'zstd', 'lz4', 'none'"),
+    ("granularity: everything", "granularity=everything is not valid; choose one of: 'all', 'attention_only'"),
+    ("on_full: wait", "on_full=wait is not valid; choose one of: 'block', 'drop'"),
+    ("stages: [train]", "stages=train is not valid; choose one of: 'fit', 'validate', 'test', 'predict'"),
+])
+def test_lightning_cli_rejects_a_bad_choice_in_one_line(tmp_path, line, needle):
+    from lightning_llm_inst.lightning_cli import ConfigError, main
+
+    text = (REPO / "configs" / "capture_tiny.yaml").read_text()
+    assert "        codec: zstd\n" in text
+    config = tmp_path / "bad.yaml"
+    config.write_text(text.replace("        codec: zstd\n", f"        {line}\n"))
+    with pytest.raises(ConfigError) as err:
+        main(["predict", "--config", str(config)])
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg, msg
 
 
 def test_memory_stays_bounded_with_a_stalled_writer_and_blocking_stops_once_it_catches_up(tmp_path, monkeypatch):
