@@ -729,18 +729,22 @@ def _is_decode_step(call: dict[str, Any], seq_len: int, mask: torch.Tensor | Non
     Signals, cheapest first, whichever the call carries (their names have changed across
     transformers releases, so none is relied on alone): a mask longer than the tokens fed (the
     cached prefix is masked too, as ``generate`` does), a cache object holding tokens, a
-    ``cache_position`` past 0, ``position_ids`` past 0."""
+    ``cache_position`` past 0, ``position_ids`` past 0 (the last two on a GPU only for a
+    one-token step)."""
     if mask is not None and mask.dim() == 2 and mask.shape[-1] > seq_len:
         return True
     for name in _CACHE_ARGS:
         cached = _cache_length(call.get(name))
         if cached is not None:
             return cached > 0
+    # reading a GPU tensor back waits for the GPU: only for one-token steps, which wait anyway
     cache_position = call.get("cache_position")
-    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel() and \
+            (cache_position.device.type == "cpu" or seq_len == 1):
         return bool(cache_position.reshape(-1)[0] > 0)
     position_ids = call.get("position_ids")
-    if isinstance(position_ids, torch.Tensor) and position_ids.numel() and not position_ids.is_floating_point():
+    if isinstance(position_ids, torch.Tensor) and position_ids.numel() and not position_ids.is_floating_point() \
+            and (position_ids.device.type == "cpu" or seq_len == 1):
         return bool(position_ids.min() > 0)
     return False
 
