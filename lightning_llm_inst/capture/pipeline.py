@@ -2,15 +2,20 @@
 
 Stage: everything between a model's forward pass and :class:`StoreWriter`. A pre-hook on
 the model's root module opens a "forward" (token selection from ``input_ids`` and the
-attention mask, or from a context the caller set); each hook point packs its selected rows
+attention mask -- the call bound to the forward's signature, so either may come by position --
+or from a context the caller set); each hook point packs its selected rows
 into the rings (:mod:`lightning_llm_inst.buffer`); a post-hook on the root closes the
 forward. One drain thread replays these steps on the writer in order, so the model's thread
 never waits on compression or disk -- only on ring space when the writer falls behind
 (``on_full="block"``), or it skips the whole forward (``"drop"``, counted in the manifest).
 
 During ``generate()`` with a KV cache, the prefill and every decode step are forwards of
-their own: decode steps keep the sequence ids of their prefill, get their true positions
-from the attention mask and count up ``step``.
+their own: decode steps (told by whatever the call carries: a mask longer than its tokens, a
+cache holding tokens, ``cache_position`` or ``position_ids``) keep the sequence ids of their
+prefill, get their true positions from the attention mask (or go on from the previous
+forward's where the mask does not cover the cache) and count up ``step``.
+
+A pipeline left open is closed at interpreter exit, before the writer's own exit handler.
 """
 
 from __future__ import annotations
@@ -234,7 +239,8 @@ class CapturePipeline:
                 raise RuntimeError(
                     "the instrumented model was called without input_ids and no batch context was set; "
                     "call it with input_ids=... or give the capture the batch's input_ids")
-            input_ids, mask, seq_ids = ctx.input_ids, ctx.attention_mask, ctx.sequence_ids
+            input_ids, seq_ids = ctx.input_ids, ctx.sequence_ids
+            mask = ctx.attention_mask if ctx.attention_mask is not None else mask
         elif ctx is not None and ctx.input_ids.shape[0] == input_ids.shape[0]:
             seq_ids = ctx.sequence_ids
             if mask is None and ctx.attention_mask is not None and _same_tensor(ctx.input_ids, input_ids):
