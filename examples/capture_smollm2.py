@@ -33,7 +33,7 @@ def main(out: str, limit: int | None, batch_size: int) -> None:
     lm = CausalLM("smollm2")
     data = TextDataModule(tokenizer="smollm2", max_length=128, batch_size=batch_size, limit=limit)
     print(f"loaded SmolLM2-135M-Instruct in {time.perf_counter() - t0:.1f} s")
-    capture = ActivationCapture(out, hooks=HOOKS, compression="zstd", storage_dtype="bfloat16",
+    capture = ActivationCapture(out, hooks=HOOKS, codec="zstd", storage_dtype="bfloat16",
                                 max_memory_gb=2.0, mode="overwrite", stages=["predict"])
     trainer = L.Trainer(accelerator="auto", devices=1, callbacks=[capture], logger=False,
                         enable_checkpointing=False, enable_model_summary=False)
