@@ -4,6 +4,7 @@ first-forward checks run only there). Marked ``gpu``: CI skips them, the GPU mac
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def _on_gpu(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_generate_on_a_gpu_stores_prefill_and_every_decode_step(tmp_path: Path, arch: str) -> None:
-    model = _model(arch).cuda()
+    model = copy.deepcopy(_model(arch)).cuda()  # _model is cached: leave the CPU copy to other tests
     batch = _on_gpu(_batch(arch))
     mask = batch["attention_mask"].cpu()
     new = 5
@@ -67,7 +68,7 @@ def test_generate_on_a_gpu_stores_prefill_and_every_decode_step(tmp_path: Path, 
 
 
 def test_mask_passed_positionally_on_a_gpu_keeps_padding_out(tmp_path: Path) -> None:
-    model = _model("llama").cuda()
+    model = copy.deepcopy(_model("llama")).cuda()
     batch = _on_gpu(_batch("llama"))
     name = "blocks.0.hook_resid_post"
     fw = InstrumentationFramework(InstrumentationConfig(hooks=[name]))
