@@ -261,7 +261,7 @@ class CapturePipeline:
             if seq_ids is None:
                 seq_ids = self._next_sequence + self._sequence_stride * torch.arange(b, dtype=torch.int64)
                 self._next_sequence += self._sequence_stride * b
-            self._last_sequence_ids = torch.as_tensor(seq_ids, dtype=torch.int64).reshape(-1).cpu()
+            self._last_sequence_ids = _sequence_ids(seq_ids)
         device = self._device_of(module)
         seq_ids, step = self._last_sequence_ids, self._step
         if input_ids.device.type == "cuda" or (mask is not None and mask.device.type == "cuda"):
@@ -771,6 +771,24 @@ def _cache_length(cache: Any) -> int | None:
             return int(first.shape[-2]) if first.dim() >= 2 else 0
         return 0
     return None
+
+
+def _sequence_ids(seq: Any) -> torch.Tensor:
+    """``[batch]`` int64 sequence ids on the host; ids that int64 cannot hold are an error, not
+    stored wrapped."""
+    if isinstance(seq, torch.Tensor):
+        if seq.dtype == torch.bool or seq.is_floating_point() or seq.is_complex():
+            raise ValueError(f"sequence_id must hold integers, got dtype {str(seq.dtype).removeprefix('torch.')}")
+        if seq.dtype not in (torch.uint64, torch.uint32):
+            return seq.detach().to("cpu", torch.int64).reshape(-1)
+        seq = seq.detach().cpu().numpy()
+    host = np.asarray(seq)
+    if host.dtype.kind not in "iu":
+        raise ValueError(f"sequence_id must hold integers, got dtype {host.dtype}")
+    if host.dtype.kind == "u" and host.size and host.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"sequence_id={int(host.max())} is not valid; sequence ids must fit int64 "
+                         f"(at most {np.iinfo(np.int64).max})")
+    return torch.from_numpy(host.astype(np.int64).reshape(-1))
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:

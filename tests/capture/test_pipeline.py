@@ -8,6 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 from lightning_llm_inst import InstrumentationConfig, InstrumentationFramework
@@ -128,3 +130,25 @@ def test_a_capture_never_closed_commits_complete_forwards_at_exit_and_exits_with
     assert store.rows == 3 * 4 * 16
     assert len(store.hooks) == 6
     assert torch.bincount(store.tokens["sequence_id"][:]).tolist() == [16] * 12
+
+
+@pytest.mark.parametrize("seq", [
+    torch.tensor([2**63, 1], dtype=torch.uint64),
+    np.array([1, 2**64 - 1], dtype=np.uint64),
+    [2**63, 0],
+    torch.tensor([0.0, 1.0]),
+])
+def test_sequence_ids_int64_cannot_hold_are_refused_not_stored_wrapped(tmp_path, seq):
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    fw = InstrumentationFramework(InstrumentationConfig(hooks=["blocks.0.hook_resid_post"]))
+    fw.instrument_model(model)
+    with torch.no_grad(), fw.capture_activations(tmp_path / "s"):
+        fw.set_batch_context(ids, sequence_ids=torch.tensor([5, 6]))
+        model(ids)
+        fw.set_batch_context(ids, sequence_ids=seq)
+        with pytest.raises(ValueError, match=r"^sequence_id") as err:
+            model(ids)
+        assert "\n" not in str(err.value)
+    store = ActivationStore(tmp_path / "s")
+    assert store.tokens["sequence_id"][:].tolist() == [5] * 8 + [6] * 8
