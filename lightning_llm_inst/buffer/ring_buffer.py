@@ -31,7 +31,7 @@ class Slice:
     ring: ByteRing
     offset: int
     nbytes: int
-    charged: int  # nbytes plus the tail skipped when the slice wrapped around
+    charged: int  # nbytes rounded up to ALIGN
 
     def view(self) -> torch.Tensor:
         return self.ring.buffer[self.offset : self.offset + self.nbytes]
@@ -48,6 +48,9 @@ class ByteRing:
         self.name = name
         self._live: deque[Slice] = deque()
         self._done: set[int] = set()  # ids of live slices already freed (out of order)
+        # the end of the buffer skipped by a wrap, charged to the slice before the skip: it is
+        # free again once that slice is (the ring's tail then wraps past it)
+        self._skipped: dict[int, int] = {}
         self._head = 0  # next free byte
         self.used = 0
         self.peak = 0
@@ -92,7 +95,10 @@ class ByteRing:
             if place is None:
                 return None
             offset, charged = place
-            s = Slice(self, offset, want, charged)
+            if charged > nbytes:  # a wrap: the skipped end stays taken until the slice before it is freed
+                before = id(self._live[-1])
+                self._skipped[before] = self._skipped.get(before, 0) + charged - nbytes
+            s = Slice(self, offset, want, nbytes)
             self._live.append(s)
             self._head = offset + nbytes  # aligned: every offset stays a multiple of ALIGN
             self.used += charged
@@ -115,7 +121,7 @@ class ByteRing:
             while self._live and id(self._live[0]) in self._done:
                 old = self._live.popleft()
                 self._done.discard(id(old))
-                self.used -= old.charged
+                self.used -= old.charged + self._skipped.pop(id(old), 0)
             self._cond.notify_all()
 
     def fits(self, nbytes: int) -> bool:

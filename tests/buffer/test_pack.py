@@ -85,14 +85,45 @@ def test_ring_is_fifo_aligned_and_wraps():
     assert d.offset == 0
     ring.free(c)  # out of order: kept until b is free
     assert ring.alloc(1500, block=False) is None
+    assert ring.used == 1024 + 1536 + 512 + 1024  # b, c, the end d skipped, d: the whole ring
     ring.free(b)
-    assert ring.used == 1024 + 512  # only d, charged with the tail it skipped
+    assert ring.used == 1024  # only d: the end it skipped is free again, as the tail is at d
+    e = ring.alloc(3072)  # the rest of the ring, the skipped end included
+    assert e.offset == 1024 and ring.used == ring.capacity == 4096 and ring.peak <= ring.capacity
     with pytest.raises(RuntimeError, match="not live"):
         ring.free(c)
     ring.free(d)
+    ring.free(e)
     assert ring.used == 0
     with pytest.raises(ValueError, match="5000 bytes asked of a ring of 4096"):
         ring.alloc(5000)
+
+
+def test_ring_accounting_equals_the_bytes_it_cannot_give_out():
+    """Under random allocations and out-of-order frees, ``used`` is exactly the part of the ring
+    that is not free for the next allocation (a naive reference from the live slices' positions),
+    so it never exceeds the capacity."""
+    import random
+
+    rng = random.Random(0)
+    cap = 64 * ALIGN
+    ring = ByteRing(torch.empty(cap, dtype=torch.uint8), "test ring")
+    live: list = []
+    for _ in range(5000):
+        if live and (rng.random() < 0.45 or len(live) > 12):
+            ring.free(live.pop(rng.randrange(len(live))))
+        else:
+            s = ring.alloc(rng.randint(1, 20 * ALIGN), block=False)
+            if s is not None:
+                live.append(s)
+        held = [x for x in ring._live]  # FIFO: oldest first, freed-early ones included
+        if not held:
+            expected = 0
+        else:
+            tail, head = held[0].offset, ring._head
+            expected = head - tail if head > tail else cap - tail + head
+        assert ring.used == expected <= cap
+        assert ring.peak <= cap
 
 
 def test_ring_waits_for_room_and_counts_the_wait():
