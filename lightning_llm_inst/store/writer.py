@@ -550,7 +550,8 @@ class StoreWriter:
         return out
 
     def _convert_activation(self, name: str, value: Any) -> tuple[np.ndarray, str]:
-        check_name(name, "hook point")
+        if name not in self._hooks:  # a column of the schema was checked when it was made
+            check_name(name, "hook point")
         arr, dt = as_numpy(value, f"activations[{name!r}]", ACTIVATION_DTYPES)
         if arr.ndim < 1:
             raise ValueError(f"hook point {name!r}: expected shape [rows, ...], got a 0-d tensor")
@@ -638,7 +639,8 @@ class StoreWriter:
         """
         done = self._release_handle(release, hook)
         try:
-            check_name(hook, "hook point")
+            if hook not in self._hooks:  # a column of the schema was checked when it was made
+                check_name(hook, "hook point")
             if self._open_for(hook):
                 arr, dt = self._convert_activation(hook, value)
                 flat = arr.reshape(-1).view(np.uint8) if arr.flags.c_contiguous else None
@@ -678,7 +680,8 @@ class StoreWriter:
         """
         done = self._release_handle(release, hook)
         try:
-            check_name(hook, "hook point")
+            if hook not in self._hooks:  # a column of the schema was checked when it was made
+                check_name(hook, "hook point")
             if group_rows is not None and (isinstance(group_rows, bool) or not isinstance(group_rows, int)
                                            or group_rows < 1):
                 raise ValueError(f"group_rows must be None or a positive integer, got {group_rows!r}")

@@ -9,13 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lightning_llm_inst.store import ActivationStore, StoreWriter
+from tests.store.stalled import GatedCommits
 
 REPO = Path(__file__).resolve().parents[2]
 BATCH = 512
@@ -89,20 +89,8 @@ def test_kill_9_with_slow_commits_loses_at_most_the_stated_bound(tmp_path, pendi
         f"bound {bound} rows ({pending + 2} shards of {shard_rows})")
 
 
-class _GatedCommits(StoreWriter):
-    """Commits wait until the test opens the gate: a disk that has stalled."""
-
-    def __init__(self, *args, **kwargs):
-        self.gate = threading.Event()
-        super().__init__(*args, **kwargs)
-
-    def publish_shard(self, shard):
-        self.gate.wait()
-        super().publish_shard(shard)
-
-
 def test_drop_policy_drops_instead_of_queueing_more_shards_than_the_bound(tmp_path):
-    w = _GatedCommits(tmp_path / "s", codec="none", on_full="drop", shard_size="16KiB", chunk_size="4KiB",
+    w = GatedCommits(tmp_path / "s", codec="none", on_full="drop", shard_size="16KiB", chunk_size="4KiB",
                       max_buffer_bytes="64MiB", num_workers=1, max_pending_commits=1)
     taken = []
     for i in range(40):  # 40 shards' worth while no commit can finish

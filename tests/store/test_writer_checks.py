@@ -6,12 +6,12 @@ exclude each other in either order."""
 from __future__ import annotations
 
 import re
-import threading
 
 import numpy as np
 import pytest
 
 from lightning_llm_inst.store import ActivationStore, StoreError, StoreWriteError, StoreWriter
+from tests.store.stalled import GatedCommits
 
 BAD_NAMES = [("nul", "a\x00b", "contains a NUL character"), ("slash", "a/b", "contains '/'"), ("empty", "", "is empty"),
              ("dot", ".", "is a path component"), ("dotdot", "..", "is a path component"),
@@ -41,20 +41,8 @@ def test_names_hdf5_cannot_hold_are_refused_when_given(tmp_path, name, problem):
     assert ActivationStore(tmp_path / "s").rows == 8  # nothing bad reached the file: it closed cleanly
 
 
-class _StalledDisk(StoreWriter):
-    """Commits wait until the test opens the gate."""
-
-    def __init__(self, *args, **kwargs):
-        self.gate = threading.Event()
-        super().__init__(*args, **kwargs)
-
-    def publish_shard(self, shard):
-        self.gate.wait()
-        super().publish_shard(shard)
-
-
 def test_names_are_checked_in_a_dropped_batch_too(tmp_path):
-    w = _StalledDisk(tmp_path / "s", on_full="drop", shard_size="48B", max_pending_commits=0)
+    w = GatedCommits(tmp_path / "s", on_full="drop", shard_size="48B", max_pending_commits=0)
     try:
         assert w.append({"h": np.ones((4, 3), np.float32)})  # ends a shard, whose commit stalls
         assert not w.begin_batch(4)  # it would end another shard: dropped
