@@ -315,7 +315,7 @@ def _lowest_layer(chunk: list) -> int:
 
 
 def _exact_batch(acc: _Accumulator, space: NodeSpace, batch: PairBatch, metric: Any, first: bool,
-                 token_budget: int, bar: Any) -> None:
+                 token_budget: int, bar: Any, only: set[int] | None = None) -> None:
     with torch.no_grad():
         corrupt = record(space, batch.corrupt, reads=first)
         if first:
@@ -332,6 +332,8 @@ def _exact_batch(acc: _Accumulator, space: NodeSpace, batch: PairBatch, metric: 
         else:
             acc.nodes[-1] += m_corr - m_clean
         replicas = _replicas(space, sae_d, seq, acc.per_position)
+        if only is not None:
+            replicas = [r for r in replicas if r[0].start + r[1] in only]
         per_chunk = max(1, token_budget // (rows * seq))
         last_only = metric is None
         for start in range(0, len(replicas), per_chunk):
