@@ -123,6 +123,10 @@ class InstrumentationFramework:
         point): per latent, its density and top token contexts (as text too when a
         ``tokenizer`` or ``"smollm2"`` is given), plus FVU, MSE, L0 and the dead fraction over
         the first ``max_rows`` rows (default: all). See ``analysis.summary.summarize_sae_features``.
+
+        A store written by :func:`lightning_llm_inst.causal.capture_attribution` (clean and corrupt
+        node outputs with the metric's gradients) gives ``"causal_graph"``: the attribution graph
+        over heads, MLPs and SAE latents, read from the store without the model.
         """
         from lightning_llm_inst.analysis.summary import summarize_store
 

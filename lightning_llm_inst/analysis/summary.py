@@ -106,6 +106,11 @@ def summarize_store(data_path: str | os.PathLike, top_k: int = 10, chunk_rows: i
     ``top_explained_variance_ratio`` (share of variance along each of the ``top_k`` principal
     directions), ``top_k_explained_variance`` and ``effective_rank``; plus the store's totals.
 
+    A store written by :func:`~lightning_llm_inst.causal.capture_attribution` gives
+    ``"causal_graph"``: the :class:`~lightning_llm_inst.causal.CausalGraph` read from it
+    (:func:`~lightning_llm_inst.causal.attribute_from_store`); its ``attr.*`` columns are not
+    summarised as hook points.
+
     With ``sae`` (a SparseAutoencoder or a SAELens-format directory) the result gains
     ``"sae_features"`` (see :func:`summarize_sae_features`) for ``hook`` (default: the SAE's
     hook name, or the store's only hook point); the other arguments are passed on to it."""
@@ -113,7 +118,11 @@ def summarize_store(data_path: str | os.PathLike, top_k: int = 10, chunk_rows: i
         if sae is not None:  # fail before the long pass over every hook point
             sae = resolve_sae(sae)
             hook = _sae_hook(store, sae, hook)
-        hooks = {h: _hook_summary(store, h, top_k, chunk_rows) for h in store.hooks}
+        from lightning_llm_inst.causal.store import ATTRIBUTION_PREFIX, has_attribution
+
+        attribution = has_attribution(store)
+        hooks = {h: _hook_summary(store, h, top_k, chunk_rows) for h in store.hooks
+                 if not (attribution and h.startswith(ATTRIBUTION_PREFIX))}
         out = {
             "path": os.fspath(data_path),
             "rows": store.rows,
@@ -123,6 +132,10 @@ def summarize_store(data_path: str | os.PathLike, top_k: int = 10, chunk_rows: i
             "compression_ratio": {h: c.ratio for h, c in store.hooks.items()},
             "hooks": hooks,
         }
+        if attribution:
+            from lightning_llm_inst.causal.store import attribute_from_store
+
+            out["causal_graph"] = attribute_from_store(data_path, window_rows=chunk_rows)
         if sae is not None:
             out["sae_features"] = summarize_sae_features(
                 store, sae, hook, tokenizer=tokenizer, contexts_per_feature=contexts_per_feature,

@@ -27,7 +27,7 @@ from lightning_llm_inst.causal.engine import (Values, attention_read_grads, chec
                                               repeat_block_outputs, sae_parts, training_off)
 from lightning_llm_inst.causal.graph import CausalGraph
 from lightning_llm_inst.causal.nodes import NodeSpace, Segment
-from lightning_llm_inst.causal.pairs import Metric, PairBatch, PromptPairs, resolve_metric
+from lightning_llm_inst.causal.pairs import Metric, PairBatch, PromptPairs, logit_diff_per_pair, resolve_metric
 from lightning_llm_inst.causal.parts import ModelParts
 from lightning_llm_inst.causal.sites import Site, SiteFn, hooked, run_model, sae_hook_points, skipped_blocks
 
@@ -237,19 +237,25 @@ def _score_gradients(acc: _Accumulator, space: NodeSpace, clean: Values, corrupt
         _add_edges(acc, space, deltas, index, writes, _receiver_grads(space, grads))
 
 
-def _gradient_batch(acc: _Accumulator, space: NodeSpace, batch: PairBatch, metric: Any, method: str,
-                    ig_steps: int, edges: bool, first: bool) -> None:
+def _per_pair(logits: Tensor, batch: PairBatch, metric: Any) -> Tensor:
+    """The metric of each pair of the batch ``[batch]`` (a callable metric: its batch mean, repeated)."""
+    if metric is None:
+        return logit_diff_per_pair(logits, batch)
+    return metric_sums(logits, batch, metric)[0].expand(len(batch)) / len(batch)
+
+
+def _gradient_batch_values(space: NodeSpace, batch: PairBatch, metric: Any, method: str, ig_steps: int,
+                           edges: bool, first: bool) -> tuple[Values, Values, dict, Tensor, Tensor]:
+    """Clean and corrupt node outputs, the (averaged) gradients, and each pair's M(clean), M(corrupt)."""
     with torch.no_grad():
         corrupt = record(space, batch.corrupt, reads=first)
     if first:
         check_sequential(space, corrupt)
-    acc.corrupt_sum += float(metric_sums(corrupt.logits, batch, metric)[0])
     if method == "atp":
-        clean, grads, msum = _grad_run(space, batch, metric, input_value=None, receivers=edges)
+        clean, grads, _ = _grad_run(space, batch, metric, input_value=None, receivers=edges)
     else:
         with torch.no_grad():
             clean = record(space, batch.clean)
-        msum = float(metric_sums(clean.logits, batch, metric)[0])
         grads = {}
         for k in range(1, ig_steps + 1):
             x = corrupt.x0 + (k / ig_steps) * (clean.x0 - corrupt.x0)
@@ -257,7 +263,16 @@ def _gradient_batch(acc: _Accumulator, space: NodeSpace, batch: PairBatch, metri
             for key, value in g.items():
                 grads[key] = grads[key] + value if key in grads else value
         grads = {key: value / ig_steps for key, value in grads.items()}
-    acc.clean_sum += msum
+    with torch.no_grad():
+        return clean, corrupt, grads, _per_pair(clean.logits, batch, metric), _per_pair(corrupt.logits, batch, metric)
+
+
+def _gradient_batch(acc: _Accumulator, space: NodeSpace, batch: PairBatch, metric: Any, method: str,
+                    ig_steps: int, edges: bool, first: bool) -> None:
+    clean, corrupt, grads, m_clean, m_corr = _gradient_batch_values(space, batch, metric, method, ig_steps,
+                                                                    edges, first)
+    acc.clean_sum += float(m_clean.double().sum())
+    acc.corrupt_sum += float(m_corr.double().sum())
     _score_gradients(acc, space, clean, corrupt, grads, edges)
 
 
