@@ -18,6 +18,7 @@ _EXPORTS = {
     "PromptPairs": "lightning_llm_inst.causal.pairs",
     "logit_diff": "lightning_llm_inst.causal.pairs",
     "attribute": "lightning_llm_inst.causal.attribution",
+    "node_outputs": "lightning_llm_inst.causal.outputs",
     "METHODS": "lightning_llm_inst.causal.attribution",
     "evaluate_circuit": "lightning_llm_inst.causal.circuits",
     "faithfulness_curve": "lightning_llm_inst.causal.circuits",

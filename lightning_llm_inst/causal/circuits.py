@@ -141,7 +141,7 @@ class _EdgeRun:
             reads.append(base if add is None else base + add)
         x = torch.stack(reads, dim=2)  # [rows, seq, heads, d]
         ln = parts.blocks[layer].ln_attn
-        h_in = ln(x.to(out.dtype)).float()
+        h_in = ln.forward(x.to(out.dtype)).float()
         w, b = parts.w_in(layer, kind)
         new = torch.einsum("bphd,hed->bphe", h_in, w.float())
         if b is not None:
@@ -435,7 +435,7 @@ def _single_edge_fns(space: NodeSpace, clean: Values, delta: Tensor, v: str) -> 
 
     def fn(out: Tensor) -> Tensor:
         x = clean.resid[layer].float() + delta  # [rows, seq, d]
-        h_in = parts.blocks[layer].ln_attn(x.to(out.dtype)).float()
+        h_in = parts.blocks[layer].ln_attn.forward(x.to(out.dtype)).float()
         w, b = parts.w_in(layer, kind)
         new = h_in @ w[head].float().T + (b[head].float() if b is not None else 0.0)
         out = out.clone()

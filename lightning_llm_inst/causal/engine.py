@@ -168,7 +168,7 @@ def attention_read_grads(space: NodeSpace, layer: int, resid: Tensor, grads: dic
     u = torch.stack(us, dim=3)  # [rows, seq, heads, 3, d_model]
     with torch.enable_grad():
         x = resid.detach()[:, :, None, None, :].expand(u.shape).contiguous().requires_grad_(True)
-        h = parts.blocks[layer].ln_attn(x)
+        h = parts.blocks[layer].ln_attn.forward(x)
         (gx,) = torch.autograd.grad(h, x, u.to(h.dtype))
     return gx.float().permute(2, 3, 0, 1, 4)  # [heads, 3, rows, seq, d_model]
 
