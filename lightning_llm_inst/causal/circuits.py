@@ -151,13 +151,14 @@ class _EdgeRun:
 
 def _edge_masks(space: NodeSpace, edges: Iterable[str]) -> dict[str, Tensor]:
     index = {name: i for i, name in enumerate(space.sender_names())}
-    receivers = set(space.receiver_names)
+    writes = space.sender_writes()
+    reads = dict(zip(space.receiver_names, space.receiver_reads))
     masks: dict[str, Tensor] = {}
     for edge in edges:
         u, sep, v = edge.partition("->")
-        if not sep or u not in index or v not in receivers:
-            raise ValueError(f"circuit: {edge!r} is not an edge of this model's graph (expected 'sender->receiver', "
-                             f"e.g. 'a0.h1->a2.h3<q>' or 'm4->logits')")
+        if not sep or u not in index or v not in reads or writes[index[u]] >= reads[v]:
+            raise ValueError(f"circuit: {edge!r} is not an edge of this model's graph (expected 'sender->receiver' "
+                             f"with the sender below the receiver, e.g. 'a0.h1->a2.h3<q>' or 'm4->logits')")
         masks.setdefault(v, torch.zeros(space.num_senders, dtype=torch.bool))[index[u]] = True
     return masks
 
