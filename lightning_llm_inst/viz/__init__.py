@@ -11,9 +11,10 @@ from typing import Any
 _EXPORTS = {
     "SAETensorBoard": "lightning_llm_inst.viz.tensorboard",
     "write_sae_views": "lightning_llm_inst.viz.tensorboard",
+    "write_graph_views": "lightning_llm_inst.viz.causal_views",
 }
 
-__all__ = ["SAETensorBoard", "write_sae_views"]
+__all__ = ["SAETensorBoard", "write_graph_views", "write_sae_views"]
 
 
 def __getattr__(name: str) -> Any:
