@@ -3,7 +3,9 @@
 Stage: the user's shell. ``llm-inst info PATH`` prints what a store holds; ``llm-inst verify
 PATH`` reads every committed shard and exits 0 only if all of them check out; ``llm-inst
 lightning SUBCOMMAND --config FILE`` runs a Lightning loop (capture) from a YAML file; ``llm-inst
-sae fit|validate --config FILE`` trains or validates a sparse autoencoder on a store.
+sae fit|validate --config FILE`` trains or validates a sparse autoencoder on a store; ``llm-inst
+causal --pairs FILE.jsonl`` scores the nodes (and edges) of a causal graph over a model and checks it
+(``cli_causal``).
 
 Errors that come from the user's input (a path that holds no store, a damaged manifest, an
 option value outside its choices, a model that cannot be found) are printed as one line,
@@ -162,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(LightningCLI), e.g. `llm-inst sae fit --config configs/sae_tiny.yaml`", add_help=False)
     sae.add_argument("args", nargs=argparse.REMAINDER)
     sae.set_defaults(func=cmd_sae)
+    from lightning_llm_inst.cli_causal import add_parser as add_causal_parser
+
+    add_causal_parser(sub)
     return p
 
 
