@@ -263,6 +263,7 @@ class FaithfulnessCurve:
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.axhline(0.0, color="grey", lw=0.8, ls=":")
         ax.set_xscale("symlog", linthresh=0.001)
+        ax.set_xlim(left=0.0, right=1.0)
         ax.set_xlabel(f"circuit size (fraction of {self.level})")
         ax.set_ylabel("faithfulness")
         ax.set_title(f"CPR {self.cpr:.3f}   CMD {self.cmd:.3f}")
