@@ -150,7 +150,11 @@ def agreement(graph: CausalGraph, exact: CausalGraph) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- one task
 def run_task(model: torch.nn.Module, tokenizer: Any, task: str, args: argparse.Namespace,
              device: torch.device) -> dict[str, Any]:
-    pairs = PromptPairs.from_jsonl(REPO / "examples" / "data" / f"causal_{task}.jsonl", tokenizer)
+    if tokenizer is None:  # --random-init: the token ids SmolLM2's tokenizer gives (committed beside this file)
+        ids = json.loads((HERE / "data" / f"causal_{task}_smollm2_ids.json").read_text())
+        pairs = PromptPairs.from_ids(ids["clean_ids"], ids["corrupt_ids"], ids["answer_ids"], ids["wrong_ids"])
+    else:
+        pairs = PromptPairs.from_jsonl(REPO / "examples" / "data" / f"causal_{task}.jsonl", tokenizer)
     if args.pairs:
         pairs = pairs[:args.pairs]
     bs = args.batch_size
@@ -336,6 +340,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exact-repeats", type=int, default=1, help="timed calls of exact")
     p.add_argument("--pairs", type=int, default=None, help="use only the first N pairs of each task (checks)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--random-init", action="store_true",
+                   help="a random-init model of SmolLM2's shape on SmolLM2's token ids (where the weights cannot "
+                        "be loaded, e.g. the GPU machine): timings only, the quality figures mean nothing")
+    p.add_argument("--write-ids", action="store_true", help="write the token ids of both tasks for --random-init")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/causal-<device>.json); "
                                                "the Markdown goes next to it")
     a = p.parse_args(argv)
@@ -363,10 +371,34 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_llm_inst.models import load_smollm2
 
     start_load = loadavg()
-    (model, tok), load_s = timed(device, lambda: load_smollm2(dtype=DTYPES[a.dtype], device=device))
-    log(f"loaded {MODEL_NAME} ({a.dtype}, {device}) in {load_s:.1f} s; load average {start_load}")
+    if a.write_ids:
+        tok = load_smollm2()[1]
+        for task in TASKS:
+            pairs = PromptPairs.from_jsonl(REPO / "examples" / "data" / f"causal_{task}.jsonl", tok)
+            target = HERE / "data" / f"causal_{task}_smollm2_ids.json"
+            target.parent.mkdir(exist_ok=True)
+            target.write_text(json.dumps({k: v for k, v in pairs.to_dict().items() if k.endswith("_ids")}) + "\n")
+            log(f"wrote {target}")
+        return 0
+    if a.random_init:
+        def build() -> tuple[torch.nn.Module, None]:
+            import transformers as tf
+
+            cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                 num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                                 max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5)
+            torch.manual_seed(0)
+            return tf.LlamaForCausalLM(cfg).to(device=device, dtype=DTYPES[a.dtype]).eval(), None
+        (model, tok), load_s = timed(device, build)
+    else:
+        (model, tok), load_s = timed(device, lambda: load_smollm2(dtype=DTYPES[a.dtype], device=device))
+    log(f"loaded {MODEL_NAME}{' shape, random init' if a.random_init else ''} ({a.dtype}, {device}) in "
+        f"{load_s:.1f} s; load average {start_load}")
     tasks = {task: run_task(model, tok, task, a, device) for task in a.tasks}
     notes = []
+    if a.random_init:
+        notes.append("random-init model of SmolLM2's shape (--random-init): timings only; quality and faithfulness "
+                     "figures of a random model mean nothing")
     if a.pairs:
         notes.append(f"only the first {a.pairs} pairs of each task (--pairs): a check, not a result")
     if start_load and start_load[0] > 0.5 * (os.cpu_count() or 1) and device.type == "cpu":
@@ -383,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     res["checks"] = checks(res)
     res["wall_s"] = time.perf_counter() - T_START
     md = build_markdown(res)
-    target = Path(a.out) if a.out else HERE / "results" / f"causal-{res['tag']}.json"
+    target = Path(a.out) if a.out else HERE / "results" / f"causal-{res['tag']}{'-random-init' if a.random_init else ''}.json"
     outs = [target] + ([Path(os.environ["OUT"]) / target.name] if os.environ.get("OUT") else [])
     for path in outs:
         path.parent.mkdir(parents=True, exist_ok=True)
