@@ -104,6 +104,13 @@ class InstrumentationConfig:
     pad_token_id: int | None = None
     """Id the inputs are padded with; ``None`` takes the model config's (and generation
     config's) ``pad_token_id``."""
+    capture_gradients: bool = False
+    """Also store the gradient of every captured activation that requires grad, as column
+    ``<hook>.grad`` of a second store (``<output_path>/gradients``), written when a backward
+    pass reaches it: the same rows as the forward, plus a ``forward_row`` token field. A batch
+    that no backward reaches stores no gradient rows; under ``torch.no_grad()`` or inference
+    mode nothing is hooked. The writer's share of ``max_memory_gb`` is split between the two
+    stores."""
 
     def __post_init__(self) -> None:
         g = self.granularity
@@ -145,6 +152,8 @@ class InstrumentationConfig:
             self.position_window = tuple(self.position_window)  # type: ignore[assignment]
         if not isinstance(self.include_padding, bool):
             _fail("include_padding", self.include_padding, "use True or False")
+        if not isinstance(self.capture_gradients, bool):
+            _fail("capture_gradients", self.capture_gradients, "use True or False")
         if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or
                                               not isinstance(self.pad_token_id, int) or self.pad_token_id < 0):
             _fail("pad_token_id", self.pad_token_id, "use a non-negative token id or None")

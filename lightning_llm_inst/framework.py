@@ -10,7 +10,10 @@ Stage: user entry point without Lightning::
 
 Inside the ``with`` block every forward pass of the model is captured (padding excluded);
 leaving it commits everything to the store, also when the block raises (complete forwards
-only). Outside the block the model runs with no hooks at all.
+only). Outside the block the model runs with no hooks at all. With
+``InstrumentationConfig(capture_gradients=True)``, a backward pass run inside the block
+(``loss.backward()``) also stores the gradients of the captured activations, in
+``<output_path>/gradients``.
 """
 
 from __future__ import annotations
@@ -67,7 +70,14 @@ class InstrumentationFramework:
 
         A context manager; the capture starts when it is entered. Entered without ``with``
         (``__enter__()`` alone), the capture runs until ``__exit__`` is called, or until the
-        interpreter exits, which commits every complete forward."""
+        interpreter exits, which commits every complete forward.
+
+        With ``capture_gradients`` in the config, each backward pass inside the block that
+        reaches captured activations stores their gradients as ``<hook>.grad`` in the store at
+        ``<output_path>/gradients`` (``mode`` applies to it too), the same rows as the
+        activations plus ``forward_row``; with ``sink`` they go to the sink as batches of
+        ``<hook>.grad`` rows. Run the backward before leaving the block: after it nothing is
+        stored."""
         return _Capture(self, output_path, mode, metadata, sink)
 
     def _start(self, output_path: str | os.PathLike | None, mode: str, metadata: dict[str, Any] | None,

@@ -15,6 +15,7 @@ from lightning_llm_inst.config import HookGranularity, InstrumentationConfig
     ("granularity", "bogus", "choose one of: ALL, ATTENTION_ONLY, FFN_ONLY, RESIDUAL"),
     ("include_padding", "yes", "use True or False"),
     ("pad_token_id", -1, "use a non-negative token id or None"),
+    ("capture_gradients", "yes", "use True or False"),
 ])
 def test_a_bad_value_is_one_line_naming_the_field_the_value_and_the_choices(field, value, allowed):
     with pytest.raises(ValueError) as err:

@@ -6,7 +6,9 @@ optional) it resolves the hook points on the model, opens a store per stage
 capture pipeline; each batch's ``input_ids`` / ``attention_mask`` (and sequence ids, if the
 batch carries them) give the rows' metadata. At the loop's end the pipeline drains, every
 complete batch is committed and rank 0 merges the per-rank manifests. Hooks are removed at
-the loop's end, in ``teardown`` and in ``on_exception``.
+the loop's end, in ``teardown`` and in ``on_exception``. With ``capture_gradients`` the
+gradients of a loop that runs backward passes (``"fit"``, or a step that enables grad) go to
+``<output_path>/<stage>/gradients``.
 """
 
 from __future__ import annotations
@@ -123,6 +125,11 @@ class ActivationCapture(Callback):
             attention mask; by default such a batch is refused when its rows begin or end with
             the pad token (padding cannot be told from text).
         pad_token_id: id the inputs are padded with (default: the model config's).
+        capture_gradients: also store the gradient of each captured activation when a backward
+            pass reaches it (``stages=["fit"]``, or a step that enables grad and calls
+            ``backward``), as ``<hook>.grad`` in ``<output_path>/<stage>/gradients``: the same
+            rows as the activations, plus ``forward_row``. Loops under ``torch.no_grad()`` /
+            inference mode (validate / test / predict by default) store none, with a warning.
         shard_size: raw bytes per shard.
         stages: loops to capture, from ``"validate"``, ``"test"``, ``"predict"``, ``"fit"``.
         model_attr: attribute of the LightningModule holding the model to hook (default:
@@ -151,6 +158,7 @@ class ActivationCapture(Callback):
         position_window: tuple[int, int | None] | None = None,
         include_padding: bool = False,
         pad_token_id: int | None = None,
+        capture_gradients: bool = False,
         shard_size: int | str = "256MiB",
         stages: Sequence[Stage] = ("validate", "test", "predict"),
         model_attr: str | None = None,
@@ -179,7 +187,7 @@ class ActivationCapture(Callback):
                 target_throughput_gbps=target_throughput_gbps, max_memory_gb=max_memory_gb, hooks=hooks, layers=layers,
                 compression_level=codec_level, storage_dtype=storage_dtype, on_full=on_full, drop_bos=drop_bos,
                 drop_token_ids=list(drop_token_ids or []), position_window=position_window, shard_size=shard_size,
-                include_padding=include_padding, pad_token_id=pad_token_id,
+                include_padding=include_padding, pad_token_id=pad_token_id, capture_gradients=capture_gradients,
             )
         except ValueError as exc:  # the same argument names, but for compression_algorithm / _level (checked above)
             raise ValueError(str(exc).replace("InstrumentationConfig.", "ActivationCapture: ", 1)) from None
@@ -231,8 +239,9 @@ class ActivationCapture(Callback):
             metadata={"stage": stage, "world_size": world})
         self._stage = stage
         self._opened.add(stage)
-        rank_zero_info(f"ActivationCapture: capturing {len(self._pipeline.hook_points)} hook points during {stage} "
-                       f"into {path}")
+        grads = " and their gradients" if self.config.capture_gradients else ""
+        rank_zero_info(f"ActivationCapture: capturing {len(self._pipeline.hook_points)} hook points{grads} during "
+                       f"{stage} into {path}")
 
     def _stop(self, trainer: Trainer, *, failed: bool = False) -> None:
         pipeline, stage = self._pipeline, self._stage
@@ -250,9 +259,12 @@ class ActivationCapture(Callback):
         if world > 1 and not failed:
             trainer.strategy.barrier("llm_inst_capture_merge")
             if trainer.global_rank == 0:
+                from lightning_llm_inst.capture.session import gradient_store_path
                 from lightning_llm_inst.store.merge import merge_rank_manifests
 
                 merge_rank_manifests(self.output_path / stage, world)
+                if self.config.capture_gradients:
+                    merge_rank_manifests(gradient_store_path(self.output_path / stage), world)
             trainer.strategy.barrier("llm_inst_capture_merged")
 
     def _batch_start(self, trainer: Trainer, batch: Any, batch_idx: int, dataloader_idx: int) -> None:

@@ -4,8 +4,9 @@ Stage: sizing, before and during the first forward. The cap is split between the
 (the pipeline's ring) and the store writer's budget (``InstrumentationConfig.memory_split``);
 the writer's chunk size is picked to fit its budget. Every byte the capture holds is in one of
 the two, including the first forward to a new store, which the writer holds whole until it ends
-(that forward sets the store's layout; later forwards stream through in chunks). From the
-rows a capture produces, :meth:`MemoryPlan.fits` says whether a cap holds it and
+(that forward sets the store's layout; later forwards stream through in chunks). A capture
+with ``capture_gradients`` has two writers (activations, gradients) with half the budget
+each. From the rows a capture produces, :meth:`MemoryPlan.fits` says whether a cap holds it and
 :meth:`MemoryPlan.least_gb` finds the least cap that does, for errors that name a number.
 """
 
@@ -20,19 +21,21 @@ from lightning_llm_inst.store.format import parse_bytes
 __all__ = ["MemoryPlan", "TOKEN_FIELDS", "default_chunk_size"]
 
 TOKEN_FIELDS = 4
-"""Token columns of a capture: input_ids, sequence_id, position, step."""
+"""Token columns of a capture: input_ids, sequence_id, position, step (and ``forward_row`` in a
+gradient store)."""
 MIN_CHUNK = 4096
 POOL_MAX = 64 * 2**20
 """The writer keeps ``min(POOL_MAX, budget // 8)`` of its budget for reusable chunk buffers."""
 
 
-def default_chunk_size(cuda: bool, writer_bytes: int, hooks: int, workers: int) -> int:
+def default_chunk_size(cuda: bool, writer_bytes: int, hooks: int, workers: int,
+                       token_fields: int = TOKEN_FIELDS) -> int:
     """4 MiB on a GPU, 1 MiB on a CPU -- or less, down to 4 KiB, where the writer's budget
     could not hold the chunks of every column at that size (two per column and one more, one
     per worker, and its pool of reusable buffers)."""
     size = 4 * 2**20 if cuda else 2**20
     room = writer_bytes - min(POOL_MAX, writer_bytes // 8) - workers * 1024
-    fits = int(room / (2 * (hooks + TOKEN_FIELDS) + 1 + workers * (1 + 1 / 128)))
+    fits = int(room / (2 * (hooks + token_fields) + 1 + workers * (1 + 1 / 128)))
     return size if fits >= size else max(MIN_CHUNK, fits // MIN_CHUNK * MIN_CHUNK)
 
 
@@ -49,18 +52,29 @@ class MemoryPlan:
     def max_memory_gb(self) -> float:
         return self.config.max_memory_gb
 
+    @property
+    def writers(self) -> int:
+        """Store writers sharing the writer budget: 2 with ``capture_gradients``, else 1."""
+        return 2 if self.config.capture_gradients else 1
+
+    @property
+    def columns(self) -> int:
+        """Columns of the larger store: the hook points and the token fields."""
+        return self.hooks + TOKEN_FIELDS + (self.writers - 1)
+
     def sizes(self, gb: float | None = None) -> tuple[int, int, int]:
-        """``(host pool bytes, writer budget bytes, chunk size)`` under a cap of ``gb``
+        """``(host pool bytes, budget bytes of each writer, chunk size)`` under a cap of ``gb``
         (default: the configured one)."""
         cfg = self.config if gb is None else replace(self.config, max_memory_gb=gb)
         host, writer = cfg.memory_split()
+        writer //= self.writers
         chunk = parse_bytes(cfg.chunk_size, "chunk_size") if cfg.chunk_size is not None else \
-            default_chunk_size(self.cuda, writer, self.hooks, cfg.workers())
+            default_chunk_size(self.cuda, writer, self.hooks, cfg.workers(), self.columns - self.hooks)
         return host, writer, chunk
 
     def fits(self, row_bytes: int, first_batch_bytes: int = 0, gb: float | None = None) -> bool:
         """Whether a cap of ``gb`` holds rows of up to ``row_bytes`` bytes (one hook point's
-        row) and a first batch of ``first_batch_bytes``: the host pool holds a row, and the
+        row) and a first batch of ``first_batch_bytes``: the host pool holds a row, and each
         writer holds, besides its workers' share and its pool, the whole first batch with an
         open chunk per column and one more -- or two chunks per column and one more."""
         host, writer, chunk = self.sizes(gb)
@@ -68,7 +82,7 @@ class MemoryPlan:
             return False
         biggest = max(chunk, row_bytes)  # a chunk holds chunk // row rows, at least one
         workers = self.config.workers()
-        columns = self.hooks + TOKEN_FIELDS
+        columns = self.columns
         fixed = workers * (biggest + biggest // 128 + 1024) + min(POOL_MAX, writer // 8)
         return fixed + max((2 * columns + 1) * biggest, first_batch_bytes + (columns + 1) * biggest) <= writer
 

@@ -15,6 +15,10 @@ cache holding tokens, ``cache_position`` or ``position_ids``) keep the sequence 
 prefill, get their true positions from the attention mask (or go on from the previous
 forward's where the mask does not cover the cache) and count up ``step``.
 
+With a gradient writer (``capture_gradients``), activations that require grad also get tensor
+hooks (:mod:`.gradients`): a backward pass sends their gradients, the forward's rows only,
+through the same rings and drain thread to that writer, one batch per forward and backward pass.
+
 A pipeline left open is closed at interpreter exit, before the writer's own exit handler.
 """
 
@@ -40,6 +44,7 @@ from torch import nn
 
 from lightning_llm_inst.buffer.pack import pack_rows
 from lightning_llm_inst.buffer.ring_buffer import CaptureBuffers, Slice
+from lightning_llm_inst.capture.gradients import GRAD_SUFFIX, GradientTap, RowSpan, WatchedForward
 from lightning_llm_inst.capture.hooks import HookHandles, HookPoint, register_hooks
 from lightning_llm_inst.capture.memory import MemoryPlan
 from lightning_llm_inst.capture.tokens import TokenSelection, TokenSelector
@@ -77,6 +82,12 @@ class _Forward:
     """Bytes of the first forward to a new store packed so far (held whole by the writer)."""
     row_bytes: int = 0
     """The largest row of the first forward's hook points so far."""
+    span: RowSpan | None = None
+    """Where the drain thread put the forward's rows (for its gradient rows)."""
+    watched: WatchedForward | None = None
+    """Its activations whose gradients are watched (``capture_gradients``)."""
+    grad_seen: bool = False
+    """An activation of the forward required grad."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,12 @@ class _Counters:
     hook_calls: int = 0
     slices: int = 0
     hook_s: float = 0.0
+    gradient_batches: int = 0
+    gradient_batches_dropped: int = 0
+    gradient_batches_skipped: int = 0  # their forward's rows were not stored
+    gradient_rows: int = 0
+    gradient_bytes: int = 0
+    gradient_zero_filled: int = 0  # hook points a backward pass did not reach: zero rows
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -121,6 +138,8 @@ class CapturePipeline:
         memory: how the memory cap was cut into the host pool and the writer's budget; a
             first forward that does not fit it is refused, and errors about memory name the cap
             and the least one that would do.
+        gradient_writer: where the gradients of captured activations go (a second store
+            writer, or ``writer`` itself for a sink); ``None``: gradients are not captured.
 
     Memory: the host pool and the writer's budget bound every byte the capture holds. The
     first forward to a new store is held whole by the writer (it sets the store's layout),
@@ -132,8 +151,10 @@ class CapturePipeline:
     def __init__(self, writer: StoreWriter, hook_points: list[HookPoint], selector: TokenSelector,
                  buffers: CaptureBuffers, *, storage_dtype: torch.dtype | None = None, on_full: str = "block",
                  impl: str = "torch", sequence_offset: int = 0, sequence_stride: int = 1,
-                 copy_threads: int | None = None, memory: MemoryPlan | None = None) -> None:
+                 copy_threads: int | None = None, memory: MemoryPlan | None = None,
+                 gradient_writer: StoreWriter | Any | None = None) -> None:
         self.writer = writer
+        self.gradient_writer = gradient_writer
         self.memory = memory
         self.hook_points = list(hook_points)
         self.selector = selector
@@ -170,6 +191,17 @@ class CapturePipeline:
         # the writer has no layout yet: the first forward is held whole (see the class docstring)
         self._first_forward = self._to_store and bool(self.hook_points) and writer.chunk_rows(
             self.hook_points[0].name) is None
+        self._grads = GradientTap(self) if gradient_writer is not None else None
+        # the gradient writer has no layout yet: its first batch is held whole, as the first forward
+        self._first_grad = self._grads is not None and isinstance(gradient_writer, StoreWriter) and bool(
+            self.hook_points) and gradient_writer.chunk_rows(self.hook_points[0].name + GRAD_SUFFIX) is None
+        self._grad_row_bytes: int | None = None  # bytes per gradient row over all hook points
+        # drain thread: rows of the store before the next forward's; the open gradient batch is skipped
+        self._rows_out = writer.rows_committed if self._to_store else 0
+        self._open_span: RowSpan | None = None
+        self._grad_skip = False
+        self._grad_rows = 0
+        self._grad_rows_sent = 0  # model side: rows of the gradient batches ended so far
         self._events: Any = None  # extension events for the fused pack + copy
         if buffers.cuda and impl == "cuda":
             from lightning_llm_inst.buffer import _backend
@@ -223,6 +255,8 @@ class CapturePipeline:
     def _on_root_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._forward is not None:  # the previous forward raised before its end hook
             self.abort_forward()
+        if self._grads is not None:  # a backward pass that raised left its gradient batch open
+            self._grads.abandon_stale()
         self._raise_if_failed()
         if not self.enabled:
             return
@@ -336,7 +370,8 @@ class CapturePipeline:
                 self._counters.forwards_dropped += 1
                 self._commands.put(("dropped", rows))
                 return
-        self._commands.put(("begin", rows, fwd.sel.tokens))
+        fwd.span = RowSpan(rows)
+        self._commands.put(("begin", rows, fwd.sel.tokens, fwd.span))
         fwd.begun = True
 
     def _on_hook(self, hp: HookPoint, x: torch.Tensor) -> None:
@@ -359,14 +394,33 @@ class CapturePipeline:
         else:
             raise ValueError(f"hook point {hp.name!r}: output of shape {tuple(shape)} does not start with "
                              f"[batch, seq] = [{b}, {t}] (or [batch * seq])")
-        lay = self._layout(x, feature)
         index = None if sel.all_rows else sel.index
-        rows = sel.rows
+        first = fwd if self._first_forward else None
+        nbytes = self._pack_tensor(hp.name, x, b * t, index, sel.rows, feature, first)
+        fwd.fired[hp.name] = fwd.fired.get(hp.name, 0) + 1
+        if self._grads is not None and x.requires_grad:  # never under no_grad / inference mode
+            fwd.grad_seen = True
+            if sel.rows:
+                if fwd.watched is None:
+                    assert fwd.span is not None
+                    fwd.watched = WatchedForward(sel, fwd.span)
+                self._grads.watch(fwd.watched, hp.name, x, feature, b * t)
+        self._counters.hook_calls += 1
+        self._counters.bytes_packed += nbytes
+        self._counters.hook_s += time.perf_counter() - t0
+
+    def _pack_tensor(self, hook: str, x: torch.Tensor, tokens: int, index: torch.Tensor | None, rows: int,
+                     feature: tuple[int, ...], first: Any, grad: bool = False) -> int:
+        """Pack the ``rows`` rows ``index`` (None: all ``tokens``) of ``x`` (``[tokens, *feature]``
+        once reshaped) for column ``hook`` of the writer (``grad``: of the gradient writer), in
+        parts that fit the rings; ``first``: the batch held whole by a writer with no layout yet
+        (checked against the memory cap), or None. Returns the bytes packed."""
+        lay = self._layout(x, feature)
         row_bytes = lay.row_elems * lay.itemsize
-        if self._first_forward:
-            self._check_first_forward(fwd, hp, rows, row_bytes)
+        if first is not None:
+            self._check_first_forward(first, hook, rows, row_bytes, grad)
         per_part = max(1, self.buffers.max_slice // max(1, row_bytes))
-        group = self._groups_of(hp.name) if self.shuffle else None
+        group = self._groups_of(hook, self.gradient_writer if grad else self.writer) if self.shuffle else None
         if group is not None and per_part > group:  # parts of whole groups: each starts a chunk
             per_part -= per_part % group
         with torch.no_grad():
@@ -376,15 +430,12 @@ class CapturePipeline:
                     part_index = index
                 else:
                     part_index = index[a : a + n] if index is not None else torch.arange(a, a + n, device=x.device)
-                self._pack_part(hp.name, x, b * t, part_index, lay, n * row_bytes, group)
-        fwd.fired[hp.name] = fwd.fired.get(hp.name, 0) + 1
-        self._counters.hook_calls += 1
-        self._counters.bytes_packed += rows * row_bytes
-        self._counters.hook_s += time.perf_counter() - t0
+                self._pack_part(hook, x, tokens, part_index, lay, n * row_bytes, group, grad)
+        return rows * row_bytes
 
-    def _check_first_forward(self, fwd: _Forward, hp: HookPoint, rows: int, row_bytes: int) -> None:
+    def _check_first_forward(self, fwd: Any, hook: str, rows: int, row_bytes: int, grad: bool = False) -> None:
         """Refuse, before packing it, a first forward (held whole by the writer) or a row that
-        the memory cap cannot hold."""
+        the memory cap cannot hold. ``fwd``: the forward, or the first gradient batch."""
         fwd.held += rows * row_bytes
         fwd.row_bytes = max(fwd.row_bytes, row_bytes)
         plan = self.memory
@@ -393,12 +444,13 @@ class CapturePipeline:
         done = len(fwd.fired) + 1
         if not plan.fits(fwd.row_bytes):
             raise ValueError(self._cap_message(
-                f"rows of hook point {hp.name!r} have {row_bytes} bytes, and the host pool must hold a row and the "
+                f"rows of hook point {hook!r} have {row_bytes} bytes, and the host pool must hold a row and the "
                 f"store writer two chunks of at least a row per column", plan.least_gb(fwd.row_bytes)))
         if not plan.fits(fwd.row_bytes, fwd.held):
+            what = "gradient batch" if grad else "batch"
             whole = fwd.held * len(self.hook_points) // done  # if the hook points still to run are alike
             raise ValueError(self._cap_message(
-                f"the first batch ({rows} rows) holds at least {fwd.held} bytes of activations ({done} of "
+                f"the first {what} ({rows} rows) holds at least {fwd.held} bytes of activations ({done} of "
                 f"{len(self.hook_points)} hook points), and it is held whole until it ends since it sets the "
                 f"store's layout (later batches stream in chunks); capture a smaller first batch, or",
                 plan.least_gb(fwd.row_bytes, max(whole, fwd.held))))
@@ -434,21 +486,21 @@ class CapturePipeline:
                                                dtype.itemsize, fused)
         return lay
 
-    def _groups_of(self, hook: str) -> int | None:
+    def _groups_of(self, hook: str, writer: Any) -> int | None:
         """Rows per packed group for ``hook``: the store's chunk rows once its schema exists, so
         the writer can compress every whole chunk where it lies; before that, one group."""
         if not self._to_store:
             return None
         r = self._group_rows.get(hook)
         if r is None:
-            r = self.writer.chunk_rows(hook)
+            r = writer.chunk_rows(hook)
             if r is None:
                 return None
             self._group_rows[hook] = r
         return r
 
     def _pack_part(self, hook: str, x: torch.Tensor, tokens: int, index: torch.Tensor | None, lay: _Layout,
-                   nbytes: int, group: int | None) -> None:
+                   nbytes: int, group: int | None, grad: bool = False) -> None:
         bufs = self.buffers
         self._counters.slices += 1
         host = bufs.host.alloc(nbytes) if nbytes else None
@@ -458,13 +510,13 @@ class CapturePipeline:
             packed, copied = events.get(), events.get()
             self._backend.pack_copy(x, tokens, index, lay.dtype, dev.ring.buffer, dev.offset, nbytes, self.shuffle,
                                     group, self._host_base + host.offset, self._side_handle, packed, copied)
-            self._commands.put(("add", hook, (packed, copied), dev, host, lay, group))
+            self._commands.put(("add", hook, (packed, copied), dev, host, lay, group, grad))
             return
         flat = x.reshape(tokens, *lay.feature)
         if not bufs.cuda:
             out = host.view() if host is not None else torch.empty(0, dtype=torch.uint8)
             pack_rows(flat, index, lay.dtype, out, self.shuffle, impl="torch")
-            self._commands.put(("add", hook, None, None, host, lay, None))
+            self._commands.put(("add", hook, None, None, host, lay, None, grad))
             return
         dev = bufs.device_ring.alloc(nbytes) if nbytes else None  # type: ignore[union-attr]
         out = dev.view() if dev is not None else torch.empty(0, dtype=torch.uint8, device=flat.device)
@@ -478,7 +530,7 @@ class CapturePipeline:
                 bufs.side_stream.wait_event(packed_ev)
                 host.view().copy_(dev.view(), non_blocking=True)  # type: ignore[union-attr]
                 event.record(bufs.side_stream)
-        self._commands.put(("add", hook, event, dev, host, lay, group))
+        self._commands.put(("add", hook, event, dev, host, lay, group, grad))
 
     def end_forward(self) -> None:
         fwd = self._forward
@@ -501,6 +553,8 @@ class CapturePipeline:
         c.rows += fwd.sel.rows
         if fwd.sel.rows:
             self._row_bytes = c.bytes_packed // max(1, c.rows)
+        if self._grads is not None:
+            self._grads.check_first(fwd.grad_seen)
         if self._first_forward:  # once: the writer sets the store's layout; its errors are this forward's
             self._sync(flush=False)
             self._raise_if_failed()
@@ -517,8 +571,11 @@ class CapturePipeline:
     def _drain_loop(self) -> None:
         """Replay the model thread's steps on the writer, in order. Copies of different hook
         points into the writer run on ``copy_threads`` threads (parts of one hook point stay
-        in order); a batch ends only after all its copies are done."""
+        in order); a batch ends only after all its copies are done. Gradient batches (steps
+        ``g*``, adds marked ``grad``) go to the gradient writer; one whose forward's rows were not
+        stored is skipped."""
         w = self.writer
+        gw = self.gradient_writer
         pending: list[Future] = []
         last: dict[str, Future] = {}
         while True:
@@ -528,7 +585,7 @@ class CapturePipeline:
                 return
             try:
                 if kind == "add":
-                    _, hook, event, dev, host, lay, group = cmd
+                    _, hook, event, dev, host, lay, group, grad = cmd
                     if isinstance(event, tuple):  # extension events: (packed, copied)
                         self._events.synchronize(event[1])
                         self._events.put(event[0])
@@ -537,10 +594,15 @@ class CapturePipeline:
                         event.synchronize()
                     if dev is not None:
                         dev.ring.free(dev)
+                    if grad and self._grad_skip:
+                        if host is not None:
+                            host.ring.free(host)
+                        continue
+                    target = gw if grad else w
                     if self._copies is None or self._error is not None:
-                        self._copy(hook, host, lay, group, None)
+                        self._copy(hook, host, lay, group, None, target)
                     else:
-                        fut = self._copies.submit(self._copy, hook, host, lay, group, last.get(hook))
+                        fut = self._copies.submit(self._copy, hook, host, lay, group, last.get(hook), target)
                         last[hook] = fut
                         pending.append(fut)
                     continue
@@ -553,16 +615,34 @@ class CapturePipeline:
                         cmd[1].set()
                     continue
                 if kind == "begin":
-                    w.begin_batch(cmd[1], tokens=cmd[2])
+                    taken = w.begin_batch(cmd[1], tokens=cmd[2])
+                    self._open_span = cmd[3] if taken is not False else None
+                    if self._open_span is not None:
+                        self._open_span.start = self._rows_out
                 elif kind == "end":
                     w.end_batch()
+                    span, self._open_span = self._open_span, None
+                    if span is not None:
+                        span.stored = True
+                        self._rows_out += span.rows
                 elif kind == "abort":
+                    self._open_span = None
                     w.abort_batch()
                 elif kind == "dropped":
                     w.count_dropped(cmd[1])
+                elif kind == "gbegin":
+                    self._begin_gradients(cmd[1], cmd[2])
+                elif kind == "gend":
+                    self._end_gradients(abort=False)
+                elif kind == "gabort":
+                    self._end_gradients(abort=True)
+                elif kind == "gdropped":
+                    gw.count_dropped(cmd[1])
                 elif kind == "sync":
                     if cmd[2]:
                         w.flush()
+                        if gw is not None and gw is not w:
+                            gw.flush()
                     cmd[1].set()
             except BaseException as exc:
                 self._fail(exc)
@@ -583,8 +663,33 @@ class CapturePipeline:
                 if kind == "sync":
                     cmd[1].set()
 
-    def _copy(self, hook: str, host: Slice | None, lay: _Layout, group: int | None, after: Future | None) -> None:
-        """Hand one host slice to the writer, which copies it into chunk buffers or -- whole
+    def _begin_gradients(self, tokens: dict[str, torch.Tensor], span: RowSpan) -> None:
+        """Drain thread: open a gradient batch with the forward's token fields and the rows of
+        the store they belong to (``forward_row``); skip it if the forward was not stored."""
+        self._grad_rows = span.rows
+        if not span.stored or span.start is None:
+            self._grad_skip = True
+            self._counters.gradient_batches_skipped += 1
+            return
+        fields = dict(tokens)
+        fields["forward_row"] = torch.arange(span.start, span.start + span.rows, dtype=torch.int64)
+        self._grad_skip = self.gradient_writer.begin_batch(span.rows, tokens=fields) is False
+
+    def _end_gradients(self, abort: bool) -> None:
+        """Drain thread: end (or abort) the open gradient batch."""
+        skip, self._grad_skip = self._grad_skip, False
+        if skip:
+            return
+        if abort:
+            self.gradient_writer.abort_batch()
+            return
+        self.gradient_writer.end_batch()
+        self._counters.gradient_batches += 1
+        self._counters.gradient_rows += self._grad_rows
+
+    def _copy(self, hook: str, host: Slice | None, lay: _Layout, group: int | None, after: Future | None,
+              writer: Any) -> None:
+        """Hand one host slice to ``writer``, which copies it into chunk buffers or -- whole
         chunks packed as groups -- compresses it where it lies; the slice is freed once the
         writer is done with it."""
         handed = False  # the store writer frees the slice (``release``) once it is done with it
@@ -601,14 +706,13 @@ class CapturePipeline:
                 handed = self._to_store
                 if self.shuffle and self._to_store:
                     planes = data if group is not None else data.reshape(lay.itemsize, -1)
-                    self.writer.add_packed(hook, planes, lay.dtype_name, lay.feature, group_rows=group,
-                                           release=release)
+                    writer.add_packed(hook, planes, lay.dtype_name, lay.feature, group_rows=group, release=release)
                 elif self.shuffle:
-                    self.writer.add_packed(hook, data.reshape(lay.itemsize, -1), lay.dtype_name, lay.feature)
+                    writer.add_packed(hook, data.reshape(lay.itemsize, -1), lay.dtype_name, lay.feature)
                 elif self._to_store:
-                    self.writer.add(hook, _rows_view(data, lay.dtype_name, lay.feature), release=release)
+                    writer.add(hook, _rows_view(data, lay.dtype_name, lay.feature), release=release)
                 else:
-                    self.writer.add(hook, _rows_view(data, lay.dtype_name, lay.feature))
+                    writer.add(hook, _rows_view(data, lay.dtype_name, lay.feature))
         except BaseException as exc:
             self._fail(exc)
             raise
@@ -638,7 +742,9 @@ class CapturePipeline:
         self._raise_if_failed()
 
     def close(self) -> None:
-        """Detach, drain, and close the writer (committing every complete forward).
+        """Detach, drain, and close the writer(s) (committing every complete forward and
+        gradient batch; a gradient batch whose backward pass has not ended is dropped, and
+        backward passes after this store nothing).
 
         A pipeline still open when the interpreter exits is closed then (see ``_track``)."""
         if self._closed:
@@ -646,6 +752,8 @@ class CapturePipeline:
         self._closed = True
         _LIVE.pop(self._live_key, None)
         self.detach()
+        if self._grads is not None:
+            self._grads.abandon()
         if self._drain.is_alive():  # not at a late stage of interpreter exit, where threads are frozen
             self._sync(flush=False)
             self._commands.put(("stop",))
@@ -655,11 +763,15 @@ class CapturePipeline:
         try:
             self.writer.close()
         finally:
-            if self._events is not None:
-                self._events.close()
-            self.buffers.release()
-            if self._error is not None:
-                raise self._error
+            try:
+                if self.gradient_writer is not None and self.gradient_writer is not self.writer:
+                    self.gradient_writer.close()
+            finally:
+                if self._events is not None:
+                    self._events.close()
+                self.buffers.release()
+                if self._error is not None:
+                    raise self._error
 
     def _close_at_exit(self) -> None:
         if self._closed:
@@ -686,9 +798,59 @@ class CapturePipeline:
             "elapsed_s": elapsed,
             "capture_rate_bytes_per_s": c.bytes_packed / elapsed if elapsed > 0 else 0.0,
         }
+        if self._grads is not None:
+            out.update(gradient_batches=c.gradient_batches, gradient_batches_dropped=c.gradient_batches_dropped,
+                       gradient_batches_skipped=c.gradient_batches_skipped, gradient_rows=c.gradient_rows,
+                       gradient_bytes_captured=c.gradient_bytes, gradient_zero_filled=c.gradient_zero_filled)
         out.update(self.buffers.stats())
         out.update({f"writer_{k}": v for k, v in self.writer.stats().items()})
+        if self.gradient_writer is not None and self.gradient_writer is not self.writer:
+            out.update({f"gradient_writer_{k}": v for k, v in self.gradient_writer.stats().items()})
         return out
+
+    # ------------------------------------------------------------------ gradients (GradientTap's side)
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def queue(self, cmd: tuple) -> None:
+        """Queue a step for the drain thread."""
+        self._commands.put(cmd)
+
+    def gradient_batch_dropped(self, rows: int) -> bool:
+        """Whether a gradient batch of ``rows`` rows is skipped (``on_full="drop"`` with the rings
+        fuller than it needs), counted in the gradient store's manifest; raises if the capture failed."""
+        self._raise_if_failed()
+        if self.on_full == "drop" and rows and self._grad_row_bytes is not None and \
+                rows * self._grad_row_bytes > self.buffers.free_bytes():
+            self._counters.gradient_batches_dropped += 1
+            self._commands.put(("gdropped", rows))
+            return True
+        return False
+
+    def pack_gradient(self, hook: str, grad: torch.Tensor, tokens: int, index: torch.Tensor | None, rows: int,
+                      feature: tuple[int, ...], batch: Any) -> None:
+        """Pack the rows ``index`` of ``grad`` into the open gradient batch ``batch``, as column ``hook``."""
+        t0 = time.perf_counter()
+        first = batch if self._first_grad else None
+        self._counters.gradient_bytes += self._pack_tensor(hook, grad, tokens, index, rows, feature, first, grad=True)
+        self._counters.hook_s += time.perf_counter() - t0
+
+    def count_zero_filled(self) -> None:
+        self._counters.gradient_zero_filled += 1
+
+    def end_gradient_batch(self, rows: int) -> None:
+        """End the open gradient batch; the first one ends once its writer has taken it, so
+        that its errors (the store's layout, the memory cap) are raised by this backward pass."""
+        self._commands.put(("gend",))
+        self._grad_rows_sent += rows
+        if self._grad_rows_sent:
+            self._grad_row_bytes = self._counters.gradient_bytes // self._grad_rows_sent
+        if self._first_grad:
+            self._sync(flush=False)
+            self._raise_if_failed()
+            # still first if that batch was skipped (its forward's rows were not stored)
+            self._first_grad = self.gradient_writer.chunk_rows(self.hook_points[0].name + GRAD_SUFFIX) is None
 
 
 _LIVE: dict[int, CapturePipeline] = {}

@@ -3,13 +3,17 @@
 Stage: glue between the user-facing entry points (the seed's ``InstrumentationFramework``
 and the Lightning ``ActivationCapture`` callback) and the engine: it resolves hook points,
 opens the store writer, sizes the rings from ``max_memory_gb`` and picks the pack
-implementation, then hands back a :class:`CapturePipeline` attached to the model.
+implementation, then hands back a :class:`CapturePipeline` attached to the model. With
+``capture_gradients`` it also opens the gradient store, ``<output_path>/gradients`` (a sink
+takes the gradient batches itself).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +21,7 @@ from torch import nn
 
 from lightning_llm_inst._version import __version__
 from lightning_llm_inst.buffer.ring_buffer import CaptureBuffers
+from lightning_llm_inst.capture.gradients import GRADIENTS_DIR, gradient_metadata
 from lightning_llm_inst.capture.hooks import HookPoint, resolve_hook_points
 from lightning_llm_inst.capture.memory import MemoryPlan
 from lightning_llm_inst.capture.pipeline import CapturePipeline
@@ -25,7 +30,8 @@ from lightning_llm_inst.capture.tokens import TokenSelector
 from lightning_llm_inst.config import InstrumentationConfig
 from lightning_llm_inst.store.writer import StoreWriter
 
-__all__ = ["model_device", "model_metadata", "open_pipeline", "pick_impl", "special_token_ids"]
+__all__ = ["gradient_store_path", "model_device", "model_metadata", "open_pipeline", "pick_impl",
+           "special_token_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,27 @@ def _next_sequence_id(path: str | os.PathLike) -> int:
     return top + 1
 
 
+def gradient_store_path(output_path: str | os.PathLike) -> Path:
+    """Where a capture into ``output_path`` with ``capture_gradients`` stores the gradients."""
+    return Path(output_path) / GRADIENTS_DIR
+
+
+def _remove_stale_gradients(output_path: str | os.PathLike, rank: int | None) -> None:
+    """An overwritten capture without gradients removes the gradient store an earlier capture
+    left there (this rank's part of it under DDP), so that no gradients of other rows remain."""
+    from lightning_llm_inst.store.format import MANIFEST
+
+    grads = gradient_store_path(output_path)
+    if rank is None:
+        if (grads / MANIFEST).exists() or any(grads.glob(f"rank*/{MANIFEST}")):
+            shutil.rmtree(grads)
+        return
+    if (grads / f"rank{rank}" / MANIFEST).exists():
+        shutil.rmtree(grads / f"rank{rank}")
+    if rank == 0 and (grads / MANIFEST).exists():
+        (grads / MANIFEST).unlink()
+
+
 def _shard_process(device: torch.device) -> bool:
     """Whether the writer makes its HDF5 calls in a child process: ``LLM_INST_SHARD_PROCESS=1``.
     Off by default: on the H100 host it did not pay (all 16 layers of a 1B Llama to disk with
@@ -115,7 +142,8 @@ def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: 
                   world_size: int = 1, metadata: dict[str, Any] | None = None,
                   sink: ActivationSink | None = None) -> CapturePipeline:
     """Build the pipeline for ``model`` writing to ``output_path`` (or handing rows to ``sink``)
-    and attach it."""
+    and attach it. With ``config.capture_gradients`` the gradients go to the store at
+    :func:`gradient_store_path` (opened with the same ``mode``), or to ``sink`` too."""
     if (output_path is None) == (sink is None):
         raise ValueError(f"give exactly one of output_path (a store directory) and sink (an ActivationSink); "
                          f"got output_path={output_path!r}, sink={sink!r}")
@@ -124,7 +152,6 @@ def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: 
     if hook_points is None:
         hook_points = resolve_hook_points(model, config.hook_spec, config.layers)
     device = model_device(model)
-    host_bytes, writer_bytes = config.memory_split()
     meta = {
         "library": "lightning-llm-inst",
         "library_version": __version__,
@@ -137,12 +164,27 @@ def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: 
     first_sequence = _next_sequence_id(output_path) if mode == "append" and output_path is not None else 0
     workers = config.workers()
     memory = MemoryPlan(config, len(hook_points), cuda=device.type == "cuda")
-    _, _, chunk_size = memory.sizes()
-    writer = sink if sink is not None else StoreWriter(output_path, codec=config.codec_spec, mode=mode, shard_size=config.shard_size,
-                         chunk_size=chunk_size,
-                         max_buffer_bytes=writer_bytes, num_workers=workers,
-                         on_full="block", rank=rank, metadata=meta, fsync=config.fsync,
-                         shard_process=_shard_process(device))
+    host_bytes, writer_bytes, chunk_size = memory.sizes()  # writer_bytes: each writer's
+
+    def store_writer(path: str | os.PathLike, metadata: dict[str, Any]) -> StoreWriter:
+        return StoreWriter(path, codec=config.codec_spec, mode=mode, shard_size=config.shard_size,
+                           chunk_size=chunk_size, max_buffer_bytes=writer_bytes, num_workers=workers,
+                           on_full="block", rank=rank, metadata=metadata, fsync=config.fsync,
+                           shard_process=_shard_process(device))
+
+    writer: Any = sink
+    gradient_writer: Any = sink if config.capture_gradients else None
+    if output_path is not None:
+        writer = store_writer(output_path, meta)
+    try:
+        if output_path is not None and config.capture_gradients:
+            gradient_writer = store_writer(gradient_store_path(output_path),
+                                           gradient_metadata(meta, os.fspath(output_path)))
+        elif output_path is not None and mode == "overwrite":
+            _remove_stale_gradients(output_path, rank)
+    except BaseException:
+        writer.close()
+        raise
     try:
         buffers = CaptureBuffers(device, host_bytes, config.gpu_buffer_mb * 2**20 if device.type == "cuda" else 0)
         pads, bos = special_token_ids(model)
@@ -153,9 +195,12 @@ def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: 
         pipeline = CapturePipeline(writer, hook_points, selector, buffers, storage_dtype=dtype,
                                    on_full=config.on_full, impl=pick_impl(config, device),
                                    sequence_offset=first_sequence + (rank or 0), sequence_stride=max(1, world_size),
-                                   copy_threads=config.copy_threads, memory=memory)
+                                   copy_threads=config.copy_threads, memory=memory,
+                                   gradient_writer=gradient_writer)
     except BaseException:
         writer.close()
+        if gradient_writer is not None and gradient_writer is not writer:
+            gradient_writer.close()
         raise
     try:
         pipeline.attach(model)

@@ -27,6 +27,11 @@ class ActivationSink:
     hook point (a hook point's rows may come in several consecutive parts, ``start`` says where
     a part begins), then :meth:`on_batch_end` -- or :meth:`on_batch_abort` when the forward
     raised. ``on_rows`` of different hook points may run at the same time on different threads.
+
+    With ``capture_gradients``, a backward pass also delivers, after the forward, a batch per
+    forward it reaches: the same calls, with hook names ``<hook>.grad``, the forward's token
+    fields plus ``forward_row`` (the index of each row among the rows this sink has received
+    from forwards), one batch at a time.
     """
 
     codec = make_codec(None)  # rows arrive as plain row-major tensors
