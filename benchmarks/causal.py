@@ -16,8 +16,9 @@ head), 30 MLPs ``m{L}`` and ``logits``:
   ∩ top 20 of exact| / 20, over all 301 nodes but ``logits``), sign agreement over all 301 nodes
   and over exact's top 20.
 - Faithfulness curves (``faithfulness_curve``, MIB's sizes unless ``--sizes``): node level for the
-  AtP, EAP-IG and exact graphs; edge level for the ``edges=True`` AtP and EAP-IG graphs. CPR = area
-  under faithfulness, CMD = area between faithfulness and 1.
+  AtP, EAP-IG and exact graphs; edge level for the ``edges=True`` AtP and EAP-IG graphs. As in MIB,
+  CMD = area between faithfulness and 1 for circuits ranked by |score|, CPR = area under
+  faithfulness for circuits ranked by signed score (what carries the clean behaviour first).
 - M(clean) and M(corrupt) (the graphs' metadata).
 
 Reference figures of an independent implementation (same CPU class, its own 16 pairs) are printed
@@ -200,9 +201,16 @@ def run_task(model: torch.nn.Module, tokenizer: Any, task: str, args: argparse.N
                     continue
                 c, dt = timed(device, lambda: faithfulness_curve(model, pairs, g, sizes=args.sizes, level=level,
                                                                  batch_size=bs, progress=False))
-                out["curves"][f"{method}/{level}"] = {**c.to_dict(), "seconds": dt}
-                log(f"  {method} {level} curve: CPR {c.cpr:.3f}, CMD {c.cmd:.3f} ({dt:.1f} s): "
-                    + ", ".join(f"{s:g}:{v:+.2f}" for s, v in zip(c.sizes, c.faithfulness)))
+                # MIB ranks circuits by |score| for CMD and by signed score (what carries the clean
+                # behaviour first) for CPR: two curves
+                cs, dts = timed(device, lambda: faithfulness_curve(model, pairs, g, sizes=args.sizes, level=level,
+                                                                   by="signed", batch_size=bs, progress=False))
+                out["curves"][f"{method}/{level}"] = {**c.to_dict(), "seconds": dt, "cpr_abs": c.cpr,
+                                                      "cpr": cs.cpr, "signed": {**cs.to_dict(), "seconds": dts}}
+                log(f"  {method} {level} curve: CPR {cs.cpr:.3f} (signed ranking; {c.cpr:.3f} by |score|), "
+                    f"CMD {c.cmd:.3f} ({dt + dts:.1f} s): |score| "
+                    + ", ".join(f"{s:g}:{v:+.2f}" for s, v in zip(c.sizes, c.faithfulness))
+                    + "; signed " + ", ".join(f"{s:g}:{v:+.2f}" for s, v in zip(cs.sizes, cs.faithfulness)))
     return out
 
 
@@ -307,18 +315,19 @@ def build_markdown(res: dict[str, Any]) -> str:
             ref_s = f"{ref['cpr']:.2f} / {ref['cmd']:.2f}" if "cpr" in ref else "-"
             lines.append(f"| {task} | {LABEL[method]} / {level} | {f(cv['cpr'])} | {f(cv['cmd'])} | {ref_s} | "
                          f"{f(cv['seconds'], '.1f')} | " + " | ".join(f(v, "+.2f") for v in cv["faithfulness"]) + " |")
-        lines += ["", "Columns after `curve s`: faithfulness of the top fraction of nodes (or edges) by |score|; "
-                  "the reference's EAP-IG CPR / CMD is set beside both of our levels (it does not state its level). "
-                  "Over sizes from 0 to 1, |CPR - 1| <= CMD (both are areas over a unit interval, also with "
-                  "trapezoids): a CPR of 1.1 or more needs a CMD of 0.1 or more, and the reference's pairs "
-                  "(CPR 1.26 with CMD 0.09) cannot come from these definitions; compare its CPR / CMD with care."]
+        lines += ["", "CPR: area under faithfulness for circuits ranked by signed score (the nodes or edges whose "
+                  "corruption lowers M most come first), as MIB ranks for CPR; CMD: area between faithfulness and 1 "
+                  "for circuits ranked by |score|. Columns after `curve s`: faithfulness of the top fraction by "
+                  "|score|. The reference's EAP-IG CPR / CMD is set beside both of our levels (it does not state "
+                  "its level)."]
     lines += ["", "## Targets", ""] + [f"- {k['status']}: {k['check']} ({k['value']})" for k in res["checks"]]
     lines += ["", "Definitions: a node's score estimates M(clean with that node's output from the corrupt run) - "
               "M(clean); exact measures it. Pearson over the 270 heads / 30 MLPs / all 301 nodes; top-20 overlap = "
               "|top 20 by |score| ∩ exact's top 20| / 20; sign agreement = fraction of nodes whose score has exact's "
               "sign. Faithfulness = (M(circuit) - M(corrupt)) / (M(clean) - M(corrupt)) with every node (edge) "
               "outside the circuit given its corrupt value; CPR = area under faithfulness over the circuit size "
-              "(fraction of nodes or edges, trapezoids), CMD = area between faithfulness and 1."]
+              "(fraction of nodes or edges, trapezoids; signed ranking), CMD = area between faithfulness and 1 "
+              "(|score| ranking)."]
     if res["notes"]:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in res["notes"]]
     return "\n".join(lines) + "\n"

@@ -276,24 +276,32 @@ def _area(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def faithfulness_curve(model: torch.nn.Module, pairs: PromptPairs, graph: CausalGraph, *,
-                       sizes: Sequence[float] | None = None, level: str = "nodes",
+                       sizes: Sequence[float] | None = None, level: str = "nodes", by: str = "abs",
                        saes: Mapping[str, Any] | None = None, metric: Metric = "logit_diff",
                        batch_size: int = 8, progress: bool | None = None) -> FaithfulnessCurve:
-    """Faithfulness of the top fraction of ``graph``'s nodes (or edges) by |score|, for each of
-    ``sizes`` (default :data:`DEFAULT_SIZES`); CPR and CMD by the trapezoidal rule."""
+    """Faithfulness of the top fraction of ``graph``'s nodes (or edges), for each of ``sizes``
+    (default :data:`DEFAULT_SIZES`); CPR and CMD by the trapezoidal rule over the sizes.
+
+    ``by="abs"`` ranks by |score|; ``by="signed"`` puts first what carries the clean behaviour
+    (the most negative scores: corrupting them lowers M most), as MIB ranks circuits for CPR."""
     if level not in ("nodes", "edges"):
         raise ValueError(f"level: got {level!r}; allowed: 'nodes' or 'edges'")
+    if by not in ("abs", "signed"):
+        raise ValueError(f"by: got {by!r}; allowed: 'abs' or 'signed'")
     sizes = list(DEFAULT_SIZES if sizes is None else sizes)
     if not sizes or any(not 0.0 <= s <= 1.0 for s in sizes) or sorted(sizes) != sizes:
         raise ValueError(f"sizes: got {sizes!r}; allowed: increasing fractions in [0, 1]")
     nodes = tuple(graph.metadata.get("nodes", ("heads", "mlp")))
     space = _space_for(model, pairs, nodes, saes)
     if level == "nodes":
-        ranked = [n for n, _ in graph.top(None)]
+        items = graph.top(None)
     else:
         if not len(graph.edges):
             raise ValueError("level: 'edges' needs a graph with edges (attribute(..., edges=True))")
-        ranked = [n for n, _ in graph.top(None, kind="edges")]
+        items = graph.top(None, kind="edges")
+    if by == "signed":
+        items = sorted(items, key=lambda item: item[1])
+    ranked = [n for n, _ in items]
     counts = [int(round(s * len(ranked))) for s in sizes]
     circuits = []
     for k in counts:
