@@ -27,7 +27,7 @@ def test_cuda_graph_equals_cpu_graph(arch, tmp_path):
     assert evaluate_circuit(gpu, pairs, ["logits"]) == pytest.approx(0.0, abs=1e-4)
     graph = attribute(gpu, pairs, edges=True, progress=False)
     assert len(verify(gpu, pairs, graph, k=3, edges=True).exact) == 3
-    path = capture_attribution(gpu, pairs, tmp_path / "attr", edges=True, progress=False)
+    path = capture_attribution(gpu, pairs, tmp_path / "attr", edges=True, codec=None, progress=False)
     back = attribute_from_store(path, progress=False)
     torch.testing.assert_close(back.scores, graph.scores, atol=1e-6, rtol=1e-4)
 
