@@ -31,6 +31,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/capture_smollm2.py
+	$(PY) examples/causal_smollm2.py --task capitals --output runs/causal
 
 compat: $(STAMP)
 	$(PY) -m pytest -q tests/sae/test_saelens.py

@@ -258,8 +258,9 @@ class ActivationStore:
         f = self._files.get(shard.path)
         if f is None:
             import h5py
-            import hdf5plugin  # noqa: F401 - registers the LZ4 / Zstd filters
 
+            if self.codec.name != "none":
+                import hdf5plugin  # noqa: F401 - registers the LZ4 / Zstd filters
             try:
                 f = h5py.File(shard.path, "r", rdcc_nbytes=0)
             except OSError as exc:
@@ -481,8 +482,9 @@ class ActivationStore:
         ``progress(done, total)`` is called after each shard.
         """
         import h5py
-        import hdf5plugin  # noqa: F401
 
+        if self.codec.name != "none":
+            import hdf5plugin  # noqa: F401
         rep = VerifyReport(leftovers=list(self.leftovers))
         self.close()
         for i, sh in enumerate(self._shards):
