@@ -78,17 +78,25 @@ class PromptPairs:
     ``wrong_ids[i]`` are single token ids. The texts are kept when the pairs came from text.
     """
 
-    clean_ids: tuple[tuple[int, ...], ...]
-    corrupt_ids: tuple[tuple[int, ...], ...]
-    answer_ids: tuple[int, ...]
-    wrong_ids: tuple[int, ...]
-    clean: tuple[str, ...] | None = None
-    corrupt: tuple[str, ...] | None = None
-    answers: tuple[str, ...] | None = None
-    wrong: tuple[str, ...] | None = None
+    clean_ids: list[list[int]]
+    corrupt_ids: list[list[int]]
+    answer_ids: list[int]
+    wrong_ids: list[int]
+    clean: list[str] | None = None
+    corrupt: list[str] | None = None
+    answers: list[str] | None = None
+    wrong: list[str] | None = None
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
+        # plain lists of ints and strings, whatever sequences were given
+        for name in ("clean_ids", "corrupt_ids"):
+            object.__setattr__(self, name, [[int(t) for t in seq] for seq in getattr(self, name)])
+        for name in ("answer_ids", "wrong_ids"):
+            object.__setattr__(self, name, [int(t) for t in getattr(self, name)])
+        for name in ("clean", "corrupt", "answers", "wrong"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, list(getattr(self, name)))
         n = len(self.clean_ids)
         if n == 0:
             raise ValueError("pairs: the list of prompt pairs is empty; give at least one pair")
@@ -112,8 +120,8 @@ class PromptPairs:
     def from_ids(cls, clean_ids: Sequence[Sequence[int]], corrupt_ids: Sequence[Sequence[int]],
                  answer_ids: Sequence[int], wrong_ids: Sequence[int], *, pad_token_id: int = 0) -> PromptPairs:
         """Pairs from token ids directly (no tokenizer)."""
-        return cls(tuple(tuple(int(t) for t in s) for s in clean_ids), tuple(tuple(int(t) for t in s) for s in corrupt_ids),
-                   tuple(int(a) for a in answer_ids), tuple(int(w) for w in wrong_ids), pad_token_id=int(pad_token_id))
+        return cls(list(clean_ids), list(corrupt_ids), list(answer_ids), list(wrong_ids),  # type: ignore[arg-type]
+                   pad_token_id=int(pad_token_id))
 
     @classmethod
     def from_text(cls, tokenizer: Any, clean: str | Sequence[str], corrupt: str | Sequence[str],
@@ -140,10 +148,10 @@ class PromptPairs:
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
             pad = getattr(tokenizer, "eos_token_id", None)
-        return cls(tuple(tuple(_ids(tokenizer, t, special=True)) for t in clean_l),
-                   tuple(tuple(_ids(tokenizer, t, special=True)) for t in corrupt_l),
-                   tuple(answer_ids), tuple(wrong_ids), tuple(clean_l), tuple(corrupt_l), tuple(answers_l),
-                   tuple(wrong_l), pad_token_id=int(pad) if isinstance(pad, int) else 0)
+        return cls([_ids(tokenizer, t, special=True) for t in clean_l],
+                   [_ids(tokenizer, t, special=True) for t in corrupt_l],
+                   answer_ids, wrong_ids, clean_l, corrupt_l, answers_l, wrong_l,
+                   pad_token_id=int(pad) if isinstance(pad, int) else 0)
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike, tokenizer: Any) -> PromptPairs:
@@ -183,8 +191,8 @@ class PromptPairs:
         else:
             picks = [int(i) for i in index]
 
-        def pick(v: tuple | None) -> tuple | None:
-            return None if v is None else tuple(v[i] for i in picks)
+        def pick(v: list | None) -> list | None:
+            return None if v is None else [v[i] for i in picks]
 
         return PromptPairs(pick(self.clean_ids), pick(self.corrupt_ids), pick(self.answer_ids),  # type: ignore[arg-type]
                            pick(self.wrong_ids), pick(self.clean), pick(self.corrupt), pick(self.answers),  # type: ignore[arg-type]

@@ -181,8 +181,7 @@ def attribute_from_store(path: str | os.PathLike, *, per_position: bool = False,
                              f"(write it with capture_attribution)")
         meta = store.metadata[METADATA_KEY]
         space = _space_from_meta(meta)
-        pairs = PromptPairs(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
-                               for k, v in meta["pairs"].items()})
+        pairs = PromptPairs(**meta["pairs"])
         if per_position and len(set(pairs.lengths)) > 1:
             raise ValueError(f"per_position: needs pairs of one token length; got lengths {sorted(set(pairs.lengths))}")
         edges = bool(meta["edges"])

@@ -15,11 +15,12 @@ def test_from_text_and_batches():
     tok = ByteTokenizer()
     pairs = PromptPairs.from_text(tok, ["abc", "hello", "xyz"], ["abd", "jello", "xyw"], ["d", "!", "q"],
                                   ["e", "?", "r"])
-    assert pairs.clean_ids[1] == tuple(b"hello") and pairs.answer_ids == (ord("d"), ord("!"), ord("q"))
+    assert pairs.clean_ids[1] == list(b"hello") == tok("hello")["input_ids"]
+    assert pairs.answer_ids == [ord("d"), ord("!"), ord("q")]
     batches = list(pairs.batches(8))
     assert [b.indices for b in batches] == [(0, 2), (1,)]  # one token length per batch, no padding
     assert batches[0].clean.tolist() == [list(b"abc"), list(b"xyz")]
-    assert len(pairs[[0, 2]]) == 2 and pairs[1].clean == ("hello",)
+    assert len(pairs[[0, 2]]) == 2 and pairs[1].clean == ["hello"]
     logits = torch.zeros(2, 3, 256)
     logits[0, -1, ord("d")] = 2.0
     logits[1, -1, ord("r")] = 1.0
