@@ -21,8 +21,10 @@ How to read the output, per task:
   output from the corrupt run. Negative = the head carries the clean answer (patching it hurts).
 - faithfulness curve: keep the strongest fraction of nodes, give every other node its corrupt
   output; faithfulness = (M(circuit) - M(corrupt)) / (M(clean) - M(corrupt)): 0 = nothing of the
-  behaviour is left, 1 = all of it. CPR is the area under the curve (higher is better), CMD the
-  area between the curve and 1 (lower is better).
+  behaviour is left, 1 = all of it. Two rankings, as in MIB: by |score| (CMD: the area between
+  the curve and 1, lower is better) and by signed score, the nodes that carry the answer first
+  (CPR: the area under the curve, higher is better; above 1 when a circuit does better than the
+  whole model).
 - verification: the 10 strongest nodes patched one at a time, for real, beside the estimates;
   a Pearson near 1 and full sign agreement mean the ranking can be trusted.
 
@@ -55,10 +57,12 @@ def run_task(model: Any, pairs: PromptPairs, method: str, out: Path) -> dict[str
     for name, score in graph.top(10, kind="heads"):
         print(f"  {name:<8} {score:+.4f}")
 
-    curve = faithfulness_curve(model, pairs, graph)
-    print(f"\nfaithfulness of the strongest nodes (CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f}):")
-    for size, count, faith in zip(curve.sizes, curve.counts, curve.faithfulness):
-        print(f"  {size:6.1%} ({count:3d} nodes)  {faith:+.3f}")
+    curve = faithfulness_curve(model, pairs, graph)  # ranked by |score|: CMD
+    carriers = faithfulness_curve(model, pairs, graph, by="signed")  # what carries the answer first: CPR
+    print(f"\nfaithfulness of the strongest nodes (CPR {carriers.cpr:.3f}, CMD {curve.cmd:.3f}):")
+    print("  size   nodes   by |score|   by signed score")
+    for size, count, faith, signed in zip(curve.sizes, curve.counts, curve.faithfulness, carriers.faithfulness):
+        print(f"  {size:6.1%} ({count:3d})  {faith:+10.3f}   {signed:+10.3f}")
 
     check = verify(model, pairs, graph, k=10)
     print("\nverification, the 10 strongest nodes patched exactly:")
@@ -69,7 +73,7 @@ def run_task(model: Any, pairs: PromptPairs, method: str, out: Path) -> dict[str
     graph.figure().savefig(out / "graph.png", dpi=120)
     curve.figure().savefig(out / "faithfulness.png", dpi=120)
     print(f"\nwrote {out}/graph.json, graph.png, faithfulness.png")
-    return {"graph": graph, "curve": curve, "verification": check}
+    return {"graph": graph, "curve": curve, "signed_curve": carriers, "verification": check}
 
 
 def main(task: str = "both", method: str = "eap-ig", output: str = "runs/causal", *, model: Any = None,
