@@ -23,8 +23,8 @@ _EXPORTS = {
     "evaluate_circuit": "lightning_llm_inst.causal.circuits",
     "faithfulness_curve": "lightning_llm_inst.causal.circuits",
     "FaithfulnessCurve": "lightning_llm_inst.causal.circuits",
-    "verify": "lightning_llm_inst.causal.circuits",
-    "Verification": "lightning_llm_inst.causal.circuits",
+    "verify": "lightning_llm_inst.causal.verify",
+    "Verification": "lightning_llm_inst.causal.verify",
     "capture_attribution": "lightning_llm_inst.causal.store",
     "attribute_from_store": "lightning_llm_inst.causal.store",
 }

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_llm_inst.causal.attribution import build_space
+from lightning_llm_inst.causal.scores import build_space
 from lightning_llm_inst.causal.engine import record, sae_parts, training_off
 
 __all__ = ["node_outputs"]

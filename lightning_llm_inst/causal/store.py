@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_llm_inst.causal.attribution import (_add_edges, _check_args, _gradient_batch_values, _to_graph,
-                                                   _Accumulator, build_space)
+from lightning_llm_inst.causal.gradient import _add_edges, _gradient_batch_values
+from lightning_llm_inst.causal.scores import _Accumulator, _check_args, _to_graph, build_space
 from lightning_llm_inst.causal.engine import sae_parts, training_off
 from lightning_llm_inst.causal.graph import CausalGraph
 from lightning_llm_inst.causal.nodes import NodeSpace
