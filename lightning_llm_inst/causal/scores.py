@@ -10,6 +10,7 @@ store reader (:mod:`.store`), which is why the store's graph is the live graph.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,6 +58,14 @@ def build_space(model: torch.nn.Module, nodes: Sequence[str], saes: Mapping[str,
             raise ValueError(f"saes: the SAE at {hook!r} has d_in {sae.cfg.d_in}, the model's d_model is "
                              f"{parts.d_model}; SAE nodes need SAEs on residual-width hook points")
     return NodeSpace(parts, nodes, saes, points)
+
+
+def model_name(model: Any) -> str:
+    """The model's Hub id, or the last part of the directory it was loaded from, or its class."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name:
+        return type(model).__name__
+    return os.path.basename(os.path.normpath(name)) if os.path.isabs(name) else str(name)
 
 
 def _reduce(t: Tensor, per_position: bool) -> Tensor:
@@ -120,7 +129,7 @@ def _to_graph(acc: _Accumulator, space: NodeSpace, pairs: PromptPairs, method: s
         "method": method, "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "callable"),
         "ig_steps": ig_steps if method == "eap-ig" else None, "n_pairs": n, "per_position": per_position,
         "clean_metric": acc.clean_sum / n, "corrupt_metric": acc.corrupt_sum / n,
-        "model": getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
+        "model": model_name(model),
         "model_class": type(model).__name__, **space.describe(), "pairs": pairs.to_dict()}
     graph_kwargs: dict[str, Any] = {}
     if acc.edges is not None:

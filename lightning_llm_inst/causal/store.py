@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from lightning_llm_inst.causal.gradient import _add_edges, _gradient_batch_values
-from lightning_llm_inst.causal.scores import _Accumulator, _check_args, _to_graph, build_space
+from lightning_llm_inst.causal.scores import _Accumulator, _check_args, _to_graph, build_space, model_name
 from lightning_llm_inst.causal.engine import sae_parts, training_off
 from lightning_llm_inst.causal.graph import CausalGraph
 from lightning_llm_inst.causal.nodes import NodeSpace
@@ -77,7 +77,7 @@ def capture_attribution(model: torch.nn.Module, pairs: PromptPairs, output_path:
         "n_layers": parts.n_layers, "n_heads": parts.n_heads, "head_dim": parts.head_dim, "d_model": parts.d_model,
         "saes": {hook: {"d_sae": int(sae.cfg.d_sae), "kind": space.sae_points[hook].kind,
                         "layer": space.sae_points[hook].layer} for hook, sae in space.saes.items()},
-        "model": getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
+        "model": model_name(model),
         "model_class": type(model).__name__, "pairs": pairs.to_dict(),
     }
     writer = StoreWriter(output_path, codec=codec, mode=mode, shard_size=shard_size, metadata={METADATA_KEY: meta})
