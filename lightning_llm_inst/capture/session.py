@@ -127,16 +127,6 @@ def _remove_stale_gradients(output_path: str | os.PathLike, rank: int | None) ->
         (grads / MANIFEST).unlink()
 
 
-def _shard_process(device: torch.device) -> bool:
-    """Whether the writer makes its HDF5 calls in a child process: ``LLM_INST_SHARD_PROCESS=1``.
-    Off by default: on the H100 host it did not pay (all 16 layers of a 1B Llama to disk with
-    zstd: 1.03 GB/s raw against 1.28 GB/s with the writer thread)."""
-    env = os.environ.get("LLM_INST_SHARD_PROCESS", "0")
-    if env not in ("0", "1"):
-        raise ValueError(f"LLM_INST_SHARD_PROCESS={env!r} is not valid; use 0 or 1")
-    return env == "1"
-
-
 def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: str | os.PathLike | None, *,
                   hook_points: list[HookPoint] | None = None, mode: str = "create", rank: int | None = None,
                   world_size: int = 1, metadata: dict[str, Any] | None = None,
@@ -169,8 +159,7 @@ def open_pipeline(model: nn.Module, config: InstrumentationConfig, output_path: 
     def store_writer(path: str | os.PathLike, metadata: dict[str, Any]) -> StoreWriter:
         return StoreWriter(path, codec=config.codec_spec, mode=mode, shard_size=config.shard_size,
                            chunk_size=chunk_size, max_buffer_bytes=writer_bytes, num_workers=workers,
-                           on_full="block", rank=rank, metadata=metadata, fsync=config.fsync,
-                           shard_process=_shard_process(device))
+                           on_full="block", rank=rank, metadata=metadata, fsync=config.fsync)
 
     writer: Any = sink
     gradient_writer: Any = sink if config.capture_gradients else None

@@ -76,7 +76,6 @@ from lightning_llm_inst.store.format import (
 )
 from lightning_llm_inst.store.manifest import shard_path
 from lightning_llm_inst.store.shard import OpenShard
-from lightning_llm_inst.store.shard_process import ProcessShard, ShardProcess
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -108,12 +107,10 @@ def _close_when_exiting(writer: StoreWriter) -> None:
     """Have ``writer`` closed at interpreter exit if it is still open then: complete batches
     are committed and its threads stopped before h5py's own exit handler runs (closing HDF5
     files after it crashes the interpreter). atexit runs handlers last-registered-first, so
-    ours is (re-)registered once h5py is imported: a writer that makes its HDF5 calls in this
-    process imports it first."""
+    ours is (re-)registered once h5py is imported, which this imports first."""
     global _exit_hook_after_h5py
     with _EXIT_HOOK:
-        if writer._shard_process is None:
-            import h5py  # noqa: F401 - its exit handler is registered before ours
+        import h5py  # noqa: F401 - its exit handler is registered before ours
         if not _exit_hook_after_h5py:
             atexit.unregister(_close_open_writers)
             atexit.register(_close_open_writers)
@@ -260,9 +257,6 @@ class StoreWriter:
         metadata: JSON-serialisable provenance (model, hook spec, capture config) stored in
             the manifest and in every shard.
         fsync: make each shard and manifest durable before it is listed (default True).
-        shard_process: make the HDF5 calls in a child process (see
-            :mod:`~lightning_llm_inst.store.shard_process`) so that a write the kernel stalls
-            never holds this process's GIL; GPU captures turn it on.
         max_pending_commits: closed shards that may wait for their commit besides the one
             being committed (default 2, 0 or more). When that many wait, the batch that ends
             the next shard waits too (``on_full="block"``) or is dropped (``"drop"``). So a
@@ -286,7 +280,6 @@ class StoreWriter:
         rank: int | None = None,
         metadata: Mapping[str, Any] | None = None,
         fsync: bool = True,
-        shard_process: bool = False,
         max_pending_commits: int = 2,
     ) -> None:
         if mode not in MODES:
@@ -311,9 +304,6 @@ class StoreWriter:
         self.on_full = on_full
         self.fsync = bool(fsync)
         self.write_behind = int(float(os.environ.get("LLM_INST_WRITE_BEHIND_MB", WRITE_BEHIND / 2**20)) * 2**20)
-        if not isinstance(shard_process, bool):
-            raise TypeError(f"shard_process must be True or False, got {shard_process!r}")
-        self._shard_process = ShardProcess() if shard_process else None
         try:
             self.metadata = json.loads(json.dumps(dict(metadata or {})))
         except (TypeError, ValueError) as exc:
@@ -1120,10 +1110,7 @@ class StoreWriter:
                     self._commit_done()
                 self._set_error(exc, where)
 
-    def _open_shard(self, index: int) -> OpenShard | ProcessShard:
-        if self._shard_process is not None:
-            return ProcessShard(self.directory, index, self._columns,  # type: ignore[arg-type]
-                                self.codec, self._shard_attrs(index), self._shard_process)
+    def _open_shard(self, index: int) -> OpenShard:
         return OpenShard(self.directory, index, self._columns, self.codec,  # type: ignore[arg-type]
                          self._shard_attrs(index), write_behind=self.write_behind if self.fsync else 0)
 
@@ -1212,7 +1199,7 @@ class StoreWriter:
             finally:
                 self._commit_done()
 
-    def publish_shard(self, shard: OpenShard | ProcessShard) -> None:
+    def publish_shard(self, shard: OpenShard) -> None:
         """Make a closed shard durable under its final name: fsync it, rename it, fsync the
         directory (committer thread; the manifest lists it after this returns). A subclass may
         override this to wrap each commit (the tests slow commits down this way); it must
@@ -1297,8 +1284,6 @@ class StoreWriter:
             self._committer.join()
             self._workers.shutdown(wait=True)
             self._jobs.shutdown(wait=True)
-            if self._shard_process is not None:
-                self._shard_process.close()
             self._release_lock()
             _OPEN_WRITERS.discard(self)
         if self._error is not None:

@@ -34,9 +34,9 @@ class SlowDisk(StoreWriter):
         time.sleep(0.02)
         super().publish_shard(shard)
 
-path, pending, shard_process = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+path, pending = sys.argv[1], int(sys.argv[2])
 w = SlowDisk(path, codec="lz4", shard_size="256KiB", chunk_size="64KiB", max_buffer_bytes="64MiB", num_workers=1,
-             max_pending_commits=pending, shard_process=shard_process)
+             max_pending_commits=pending)
 row = 0
 while True:
     r = np.arange(row, row + BATCH, dtype=np.int64)
@@ -52,11 +52,10 @@ def _expected_x(n: int) -> np.ndarray:
     return ((r[:, None] * 7919 + np.arange(D)) % 4093).astype(np.float32)
 
 
-@pytest.mark.parametrize("pending, shard_process", [(0, False), (2, False), (2, True)],
-                         ids=["pending0", "pending2", "pending2-shard-process"])
-def test_kill_9_with_slow_commits_loses_at_most_the_stated_bound(tmp_path, pending, shard_process):
+@pytest.mark.parametrize("pending", [0, 2], ids=["pending0", "pending2"])
+def test_kill_9_with_slow_commits_loses_at_most_the_stated_bound(tmp_path, pending):
     path = tmp_path / "s"
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(pending), str(int(shard_process))],
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(pending)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     shard_rows = -(-(256 * 1024 // (D * 4 + 8)) // BATCH) * BATCH  # rows of one shard: whole batches

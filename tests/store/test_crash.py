@@ -34,7 +34,7 @@ def rows(start, n, d):
     return base.astype(np.float32) / 7.0 - 4000.0, (base * 7 % 65536).astype(np.uint16), r
 
 w = StoreWriter(sys.argv[1], mode="append", codec=sys.argv[2], shard_size="48KB", chunk_size="4KiB",
-                max_buffer_bytes="4MiB", num_workers=2, shard_process=sys.argv[4] == "1")
+                max_buffer_bytes="4MiB", num_workers=2)
 print(json.dumps({"start": w.rows_committed, "recovered": w.recovered}), flush=True)
 start = w.rows_committed
 limit = int(sys.argv[3])
@@ -53,9 +53,9 @@ def expected(start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return base.astype(np.float32) / 7.0 - 4000.0, (base * 7 % 65536).astype(np.uint16)
 
 
-def _spawn(path: Path, codec: str, limit: int, shard_process: bool = False) -> subprocess.Popen:
+def _spawn(path: Path, codec: str, limit: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(path), codec, str(limit), str(int(shard_process))],
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(path), codec, str(limit)],
                             stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
@@ -78,29 +78,28 @@ def _check_store(path: Path) -> int:
     return n
 
 
-@pytest.mark.parametrize("shard_process", [False, True], ids=["thread", "shard-process"])
-def test_sigkill_at_random_moments_never_loses_a_committed_shard(tmp_path, shard_process):
+def test_sigkill_at_random_moments_never_loses_a_committed_shard(tmp_path):
     path = tmp_path / "store"
     rng = random.Random(1234)
     reported: list[dict] = []
     kills = 0
     last_rows = 0
     limit = 10**9
-    while kills < (12 if shard_process else 24):
-        proc = _spawn(path, "zstd:1", limit, shard_process)
+    while kills < 24:
+        proc = _spawn(path, "zstd:1", limit)
         hello = json.loads(proc.stdout.readline() or "{}")
         if not hello:
             raise AssertionError(proc.stderr.read())
         assert hello["start"] == last_rows  # resumes exactly at the committed rows
         reported += hello["recovered"]
-        time.sleep(rng.uniform(0.0, 1.5 if shard_process else 0.5))  # the child process takes a moment to start
+        time.sleep(rng.uniform(0.0, 0.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
         last_rows = _check_store(path)
     assert last_rows > 0
     # a final writer cleans the last leftovers, finishes and closes normally
-    proc = _spawn(path, "zstd:1", last_rows + 20 * BATCH, shard_process)
+    proc = _spawn(path, "zstd:1", last_rows + 20 * BATCH)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     reported += json.loads(out.splitlines()[0])["recovered"]

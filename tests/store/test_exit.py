@@ -20,21 +20,19 @@ import sys
 import numpy as np
 from lightning_llm_inst.store import StoreWriter
 
-w = StoreWriter(sys.argv[1], shard_size="64KB", chunk_size="8KiB", num_workers=2,
-                shard_process=sys.argv[2] == "1")
+w = StoreWriter(sys.argv[1], shard_size="64KB", chunk_size="8KiB", num_workers=2)
 for i in range(20):
     w.append({"x": np.full((100, 64), i, np.float32)}, tokens={"seq": np.full(100, i, np.int64)})
-if sys.argv[3] == "1":  # a batch still open at exit: discarded, the complete ones are kept
+if sys.argv[2] == "1":  # a batch still open at exit: discarded, the complete ones are kept
     w.begin_batch(100, tokens={"seq": np.full(100, 20, np.int64)})
 print("appended", flush=True)
 """
 
 
-@pytest.mark.parametrize("shard_process", [False, True], ids=["thread", "shard-process"])
 @pytest.mark.parametrize("open_batch", [False, True], ids=["complete", "batch-open"])
-def test_writer_never_closed_commits_complete_batches_and_exits_0(tmp_path, shard_process, open_batch):
+def test_writer_never_closed_commits_complete_batches_and_exits_0(tmp_path, open_batch):
     path = tmp_path / "s"
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(path), str(int(shard_process)), str(int(open_batch))],
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(path), str(int(open_batch))],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == "appended\n"

@@ -85,11 +85,10 @@ def _plan(r: int) -> list[list[tuple[int, int]]]:
     ] * 3
 
 
-def _write(path, codec: str, dtype: torch.dtype, packed: bool, zero_copy: bool, releases: Releases | None = None,
-           shard_process: bool = False) -> tuple[StoreWriter, np.ndarray]:
+def _write(path, codec: str, dtype: torch.dtype, packed: bool, zero_copy: bool,
+           releases: Releases | None = None) -> tuple[StoreWriter, np.ndarray]:
     r = 1024 // _row_bytes(dtype)
-    w = StoreWriter(path, codec=codec, chunk_size=CHUNK, shard_size=15 * r * _row_bytes(dtype), num_workers=3,
-                    shard_process=shard_process)
+    w = StoreWriter(path, codec=codec, chunk_size=CHUNK, shard_size=15 * r * _row_bytes(dtype), num_workers=3)
     want = []
     seed = 0
     for batch in _plan(r):
@@ -160,18 +159,6 @@ def test_zero_copy_writes_the_same_chunks_as_copying(tmp_path, codec, packed, dt
     got = store[HOOK][:]
     assert np.array_equal(got.view(torch.int16).numpy().view(np.uint16) if dtype == torch.bfloat16 else got.numpy(),
                           want)
-
-
-def test_zero_copy_through_the_shard_process(tmp_path):
-    releases = Releases()
-    w, want = _write(tmp_path / "fast", "zstd:1", torch.bfloat16, True, zero_copy=True, releases=releases,
-                     shard_process=True)
-    w.close()
-    ref, _ = _write(tmp_path / "copy", "zstd:1", torch.bfloat16, True, zero_copy=False)
-    ref.close()
-    assert releases.all_once()
-    assert _chunks(tmp_path / "fast") == _chunks(tmp_path / "copy")
-    assert np.array_equal(_plain_h5py(tmp_path / "fast"), want)
 
 
 def test_aligned_adds_copy_nothing(tmp_path):
