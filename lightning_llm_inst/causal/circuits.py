@@ -12,6 +12,8 @@ under faithfulness, CMD the area between it and 1 (:mod:`.verify` checks single 
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -168,7 +170,7 @@ def _metric_means(model: torch.nn.Module, space: NodeSpace, pairs: PromptPairs, 
     clean_sum, corr_sum = 0.0, 0.0
     sums = [0.0] * len(circuits)
     needs_edges = any(level == "edges" for level, _ in circuits)
-    ctx = parts.ungrouped() if needs_edges else _nullctx()
+    ctx = parts.ungrouped() if needs_edges else contextlib.nullcontext()
     with training_off(model), ctx, torch.no_grad():
         for i, batch in enumerate(pairs.batches(batch_size)):
             batch = batch.to(parts.device)
@@ -188,14 +190,6 @@ def _metric_means(model: torch.nn.Module, space: NodeSpace, pairs: PromptPairs, 
                 sums[j] += float(metric_sums(logits, batch, metric)[0])
     n = len(pairs)
     return clean_sum / n, corr_sum / n, [s / n for s in sums]
-
-
-class _nullctx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _faith(m: float, clean: float, corrupt: float) -> float:

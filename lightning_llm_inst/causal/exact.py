@@ -118,13 +118,9 @@ def _exact_logits_per_position(space: NodeSpace, batch: PairBatch, metric: Any, 
                                m_clean: float) -> Tensor:
     """Exact score of the sink per position: the clean logits with one position's logits corrupt."""
     seq = batch.clean.shape[1]
-    out = torch.zeros(seq, dtype=torch.float64, device=acc_device(clean))
+    out = torch.zeros(seq, dtype=torch.float64, device=clean.logits.device)
     for pos in range(seq):
         logits = clean.logits.clone()
         logits[:, pos] = corrupt.logits[:, pos]
         out[pos] = float(metric_sums(logits, batch, metric)[0]) - m_clean
     return out
-
-
-def acc_device(v: Values) -> torch.device:
-    return v.logits.device

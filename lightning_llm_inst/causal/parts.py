@@ -163,17 +163,6 @@ class ModelParts:
         heads = out.view(*shape, self.n_kv_heads, self.head_dim)
         return heads.repeat_interleave(self.groups, dim=-2).reshape(*shape, self.n_heads * self.head_dim)
 
-    # ------------------------------------------------------------------ names
-    def node_names(self, nodes: tuple[str, ...]) -> list[str]:
-        """``input``, then per layer its heads and its MLP (as selected), then ``logits``."""
-        names = ["input"]
-        for layer in range(self.n_layers):
-            if "heads" in nodes:
-                names += [f"a{layer}.h{h}" for h in range(self.n_heads)]
-            if "mlp" in nodes:
-                names.append(f"m{layer}")
-        return names + ["logits"]
-
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

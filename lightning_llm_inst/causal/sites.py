@@ -62,19 +62,16 @@ def sae_hook_points(model: nn.Module, hooks: list[str]) -> dict[str, Any]:
 
 def _pre(fn: SiteFn, view: bool = False) -> Callable[..., Any]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if args:
-            x = normalize_output(args[0])
-            x_in = x.view_as(x) if view else x
-            new = fn(x_in)
-            if new is None and not view:
-                return None
-            return (replace_first(args[0], x_in if new is None else new), *args[1:]), kwargs
-        x = normalize_output(kwargs["hidden_states"])
-        x_in = x.view_as(x) if view else x
+        value = args[0] if args else kwargs["hidden_states"]
+        x = normalize_output(value)
+        x_in = x.view_as(x) if view else x  # a view: its gradient is this read's alone
         new = fn(x_in)
         if new is None and not view:
             return None
-        return args, {**kwargs, "hidden_states": replace_first(kwargs["hidden_states"], x_in if new is None else new)}
+        value = replace_first(value, x_in if new is None else new)
+        if args:
+            return (value, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": value}
     return hook
 
 

@@ -24,6 +24,7 @@ number of pairs) and sums the same products as the live call: the same graph.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
@@ -82,7 +83,7 @@ def capture_attribution(model: torch.nn.Module, pairs: PromptPairs, output_path:
     }
     writer = StoreWriter(output_path, codec=codec, mode=mode, shard_size=shard_size, metadata={METADATA_KEY: meta})
     bar = tqdm(total=len(pairs), unit="pair", desc=f"capture {method}", disable=(None if progress is None else not progress))
-    ungroup = parts.ungrouped() if edges else _Null()
+    ungroup = parts.ungrouped() if edges else contextlib.nullcontext()
     try:
         with training_off(model), ungroup:
             for i, batch in enumerate(pairs.batches(batch_size)):
@@ -99,14 +100,6 @@ def capture_attribution(model: torch.nn.Module, pairs: PromptPairs, output_path:
     finally:
         bar.close()
     return os.fspath(output_path)
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _batch_tokens(batch: Any) -> dict[str, Tensor]:
@@ -189,26 +182,24 @@ def attribute_from_store(path: str | os.PathLike, *, per_position: bool = False,
         n_heads = space.parts.n_heads
         bar = tqdm(total=store.rows, unit="row", desc="read attribution",
                    disable=(None if progress is None else not progress))
+        metric = torch.zeros(2, dtype=torch.float64)  # sums of M(clean), M(corrupt) over pairs
         try:
             for start in range(0, store.rows, window_rows):
                 stop = min(store.rows, start + window_rows)
+                cache: dict[str, Tensor] = {}
 
-                def col(name: str) -> Tensor:
-                    return store[name][start:stop].float()  # [r, f]
+                def col(name: str) -> Tensor:  # each column read once per window
+                    if name not in cache:
+                        cache[name] = store[name][start:stop].float()  # [r, f]
+                    return cache[name]
 
                 pos = store.tokens["position"][start:stop].long()
                 _window(acc, space, col, pos, n_heads, per_position, edges, meta)
+                metric += col("attr.metric")[pos == 0].double().sum(0)  # one row per pair: its first token
                 bar.update(stop - start)
         finally:
             bar.close()
-        first = store.tokens["position"]
-        metric_rows = []
-        for start in range(0, store.rows, window_rows):
-            stop = min(store.rows, start + window_rows)
-            at0 = first[start:stop].long() == 0
-            metric_rows.append(store["attr.metric"][start:stop].double()[at0])
-        m = torch.cat(metric_rows).sum(0)
-        acc.clean_sum, acc.corrupt_sum = float(m[0]), float(m[1])
+        acc.clean_sum, acc.corrupt_sum = float(metric[0]), float(metric[1])
     model = SimpleNamespace(config=SimpleNamespace(_name_or_path=meta["model"]))
     graph = _to_graph(acc, space, pairs, meta["method"], meta["metric"], int(meta["ig_steps"]), per_position, model)
     graph.metadata["model_class"] = meta["model_class"]

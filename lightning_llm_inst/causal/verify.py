@@ -20,6 +20,7 @@ from torch import Tensor
 from lightning_llm_inst.causal.circuits import _space_for
 from lightning_llm_inst.causal.engine import Values, metric_sums, record, repeat_block_outputs, training_off
 from lightning_llm_inst.causal.exact import _exact_batch
+from lightning_llm_inst.causal.gradient import _senders
 from lightning_llm_inst.causal.graph import CausalGraph
 from lightning_llm_inst.causal.nodes import NodeSpace
 from lightning_llm_inst.causal.pairs import Metric, PromptPairs, resolve_metric
@@ -95,6 +96,8 @@ def verify(model: torch.nn.Module, pairs: PromptPairs, graph: CausalGraph, k: in
 def _path_patch(model: torch.nn.Module, space: NodeSpace, pairs: PromptPairs, edges: list[str], metric: Any,
                 batch_size: int) -> list[float]:
     """Exact effect of each edge: M(clean, only the receiver reading the sender's corrupt output) - M(clean)."""
+    if space.saes:
+        raise ValueError("edges: path patching supports input, head and MLP senders; verify edges with saes=None")
     parts = space.parts
     index = {name: i for i, name in enumerate(space.sender_names())}
     parsed = []
@@ -108,7 +111,7 @@ def _path_patch(model: torch.nn.Module, space: NodeSpace, pairs: PromptPairs, ed
             corrupt = record(space, batch.corrupt)
             clean = record(space, batch.clean, reads=True, blocks=True)
             m_clean = float(metric_sums(clean.logits, batch, metric)[0])
-            deltas = _all_deltas(space, clean, corrupt)  # [senders, rows, seq, d]
+            deltas, _ = _senders(space, clean, corrupt, {})  # [senders, rows, seq, d], in sender order
             for c, (u, v) in enumerate(parsed):
                 fns = _single_edge_fns(space, clean, deltas[u], v)
                 layer = _receiver_layer(v, parts.n_layers)
@@ -123,22 +126,6 @@ def _receiver_layer(v: str, n_layers: int) -> int:
     if v == "logits":
         return n_layers
     return int(v[1:].split(".")[0].split("<")[0])
-
-
-def _all_deltas(space: NodeSpace, clean: Values, corrupt: Values) -> Tensor:
-    parts = space.parts
-    out = []
-    for seg in space.segments:
-        if seg.kind == "input":
-            out.append((corrupt.x0.float() - clean.x0.float())[None])
-        elif seg.kind == "heads":
-            dz = corrupt.z[seg.layer].float() - clean.z[seg.layer].float()
-            out.append(torch.einsum("bphe,hed->hbpd", dz, parts.w_out(seg.layer).float()))
-        elif seg.kind == "mlp":
-            out.append((corrupt.m[seg.layer].float() - clean.m[seg.layer].float())[None])
-        else:
-            raise ValueError("edges: path patching supports input, head and MLP senders")
-    return torch.cat(out)
 
 
 def _single_edge_fns(space: NodeSpace, clean: Values, delta: Tensor, v: str) -> dict[Site, SiteFn]:

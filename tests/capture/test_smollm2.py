@@ -12,15 +12,6 @@ from lightning_llm_inst.store import ActivationStore
 models = pytest.importorskip("lightning_llm_inst.models")
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        models.smollm2_path()
-    except ModuleNotFoundError as exc:
-        pytest.skip(str(exc))
-    return models.load_smollm2(dtype=torch.float32)
-
-
 def _direct(model, names, run):
     """Record module outputs with plain forward hooks while ``run()`` executes."""
     got: dict[str, list[torch.Tensor]] = {n: [] for n in names}

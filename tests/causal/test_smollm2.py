@@ -11,17 +11,7 @@ import torch
 from lightning_llm_inst.causal import (PromptPairs, attribute, attribute_from_store, capture_attribution,
                                        evaluate_circuit, node_outputs)
 
-models = pytest.importorskip("lightning_llm_inst.models")
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        models.smollm2_path()
-    except ModuleNotFoundError as exc:
-        pytest.skip(str(exc))
-    return models.load_smollm2(dtype=torch.float32)
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
